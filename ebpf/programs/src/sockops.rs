@@ -1,0 +1,175 @@
+//! `sockops`: bookkeeping at connection establishment and close.
+//!
+//! - Active side (the connecting socket): if connect4/6 redirected it, move its original
+//!   destination from the socket cookie (`NM_PENDING`) to the connection's tuple
+//!   (`NM_ORIG_DST`), where the proxy finds it after `accept()`. This runs when the SYN-ACK
+//!   is processed, before the final ACK is sent, so the entry exists before the proxy can
+//!   accept the connection. Then, if the socket's namespace is an accelerated pod (the pod's
+//!   app socket, or the proxy's upstream socket opened inside the pod), accelerate it.
+//! - Passive side (the accepted socket): accelerate it only if its peer already is (the
+//!   peer's active callback ran before the ACK that establishes this side) and it belongs to
+//!   the proxy's listener or to an accelerated pod. Pods outside the mesh are never touched.
+//! - Close: forget what was recorded for the socket.
+//!
+//! "Accelerate" means: put the socket into `NM_SOCKS` (the SockHash the sk_msg program
+//! redirects through) and mark it in `NM_ACCEL` (see `sk_msg` for why both).
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock_ops,
+    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use nodemesh_common::{
+    CONFIG_SOCKMAP, Config, Counter, POD_ACCELERATE, SockKey, is_loopback, is_v4_mapped, v4_mapped,
+};
+
+use crate::maps::{ACCEL, ORIG_DST, PENDING, SOCKS, config, count, pod};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const TCP_CLOSE: u32 = 7;
+
+#[sock_ops]
+pub fn nm_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => active_established(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => passive_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => closed(&ctx),
+        _ => {}
+    }
+    1
+}
+
+fn active_established(ctx: &SockOpsContext) {
+    let Some(key) = sock_key(ctx) else { return };
+    let mut watch_close = false;
+
+    // SAFETY: the helper only reads the context's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: plain data copied out of the map.
+    if let Some(orig) = unsafe { PENDING.get(&cookie) }.copied() {
+        let _ = PENDING.remove(&cookie);
+        if ORIG_DST.insert(&key, &orig, 0).is_ok() {
+            count(Counter::SockopsOrigDstRecorded);
+            watch_close = true;
+        } else {
+            count(Counter::SockopsOrigDstFailed);
+        }
+    }
+
+    // SAFETY: the helper only reads the context's socket.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+    if pod(netns_cookie).is_some_and(|p| p.flags & POD_ACCELERATE != 0)
+        && let Some(cfg) = config()
+    {
+        watch_close |= accelerate(ctx, &key, cfg);
+    }
+    if watch_close {
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    }
+}
+
+fn passive_established(ctx: &SockOpsContext) {
+    let Some(key) = sock_key(ctx) else { return };
+    // SAFETY: plain data lookup.
+    if unsafe { ACCEL.get(&key.reversed()) }.is_none() {
+        return;
+    }
+    let Some(cfg) = config() else { return };
+    let is_proxy_listener = key.local_ip == cfg.proxy_ip && key.local_port == cfg.proxy_port;
+    let is_accelerated_pod = || {
+        // SAFETY: the helper only reads the context's socket.
+        let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+        pod(netns_cookie).is_some_and(|p| p.flags & POD_ACCELERATE != 0)
+    };
+    if (is_proxy_listener || is_accelerated_pod()) && accelerate(ctx, &key, cfg) {
+        let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    }
+}
+
+fn closed(ctx: &SockOpsContext) {
+    let Some(key) = sock_key(ctx) else { return };
+    let _ = ACCEL.remove(&key);
+    let _ = ORIG_DST.remove(&key);
+}
+
+/// Puts the socket on the fast path; returns whether it did.
+fn accelerate(ctx: &SockOpsContext, key: &SockKey, cfg: &Config) -> bool {
+    if cfg.flags & CONFIG_SOCKMAP == 0 {
+        count(Counter::SockopsSockmapDisabled);
+        return false;
+    }
+    // NM_ACCEL first: once the socket is in the SockHash its sk_msg program runs and must
+    // find the mark, or it would fall back to the stack at its first message.
+    if ACCEL.insert(key, &1, BPF_ANY as u64).is_err() {
+        count(Counter::SockopsSockhashFailed);
+        return false;
+    }
+    let mut key = *key;
+    // SAFETY: `ctx.ops` is the program's context, which the helper expects.
+    let ops: &mut bpf_sock_ops = unsafe { &mut *ctx.ops };
+    if SOCKS.update(&mut key, ops, BPF_ANY as u64).is_err() {
+        let _ = ACCEL.remove(&key);
+        count(Counter::SockopsSockhashFailed);
+        return false;
+    }
+    count(Counter::SockopsSockhashInserted);
+    true
+}
+
+/// The connection as this socket sees it; `None` for what nodemesh never handles
+/// (loopback, native IPv6, other families).
+#[inline(always)]
+fn sock_key(ctx: &SockOpsContext) -> Option<SockKey> {
+    let ops = ctx.ops;
+    // Every field is read unconditionally, one volatile 4-byte load each: if the loads sat in
+    // the family branches, LLVM would merge them into one load through a computed context
+    // pointer, which the verifier rejects ("dereference of modified ctx ptr").
+    // SAFETY: 4-byte loads of readable context fields.
+    let (family, v4, v6) = unsafe {
+        let l = &(*ops).local_ip6;
+        let r = &(*ops).remote_ip6;
+        (
+            read_volatile(&(*ops).family),
+            (
+                read_volatile(&(*ops).local_ip4),
+                read_volatile(&(*ops).remote_ip4),
+            ),
+            (
+                [
+                    read_volatile(&l[0]),
+                    read_volatile(&l[1]),
+                    read_volatile(&l[2]),
+                    read_volatile(&l[3]),
+                ],
+                [
+                    read_volatile(&r[0]),
+                    read_volatile(&r[1]),
+                    read_volatile(&r[2]),
+                    read_volatile(&r[3]),
+                ],
+            ),
+        )
+    };
+    let (local_ip, remote_ip) = match family {
+        AF_INET => (v4_mapped(v4.0), v4_mapped(v4.1)),
+        AF_INET6 => v6,
+        _ => return None,
+    };
+    if !is_v4_mapped(&local_ip) || is_loopback(&local_ip) || is_loopback(&remote_ip) {
+        return None;
+    }
+    Some(SockKey {
+        local_ip,
+        remote_ip,
+        // Host byte order in the context.
+        local_port: ctx.local_port() as u16,
+        // Network byte order in the upper 16 bits of the 32-bit field.
+        remote_port: u32::from_be(ctx.remote_port()) as u16,
+    })
+}
