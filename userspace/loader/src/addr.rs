@@ -4,6 +4,9 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use nodemesh_common::{OrigDst, SockKey};
 
+/// The mark the proxy puts on its sockets unless configured otherwise.
+pub const DEFAULT_PROXY_MARK: u32 = nodemesh_common::defaults::PROXY_MARK;
+
 /// `ip` as the programs store it.
 pub fn ip_words(ip: IpAddr) -> [u32; 4] {
     let v6 = match ip {

@@ -30,7 +30,8 @@ use crate::{
 };
 
 /// Severity threshold of the kernel programs' aya-log messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum KernelLogLevel {
     Off,
     Error,
@@ -150,7 +151,7 @@ impl Datapath {
             .load(bytes)
             .map_err(|source| LoaderError::Load {
                 pin_dir: dir.clone(),
-                source,
+                source: Box::new(source),
             })?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => Some(logger),
@@ -227,8 +228,17 @@ impl AsFd for KernelLogs {
     }
 }
 
+impl std::os::fd::AsRawFd for KernelLogs {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
 fn program_error(program: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> LoaderError {
-    move |source| LoaderError::Program { program, source }
+    move |source| LoaderError::Program {
+        program,
+        source: Box::new(source),
+    }
 }
 
 fn missing_program(name: &str) -> LoaderError {
@@ -402,12 +412,10 @@ pub fn cleanup(bpffs_dir: &Path) -> Result<CleanupReport, LoaderError> {
         && let Ok(socks) = aya::maps::MapData::from_pin(dir.join(map_names::SOCKS))
         && let Ok(prog) = aya::programs::SkMsg::from_pin(&sk_msg)
         && let Ok(prog_fd) = prog.fd()
-    {
-        if let Err(e) =
+        && let Err(e) =
             sys::prog_detach(socks.fd().as_fd(), prog_fd.as_fd(), sys::BPF_SK_MSG_VERDICT)
-        {
-            warn!(error = %e, "detaching sk_msg from the SockHash (it goes with the map anyway)");
-        }
+    {
+        warn!(error = %e, "detaching sk_msg from the SockHash (it goes with the map anyway)");
     }
     for entry in read_dir(&dir.join("progs"))? {
         remove_file(&entry, &mut report)?;

@@ -12,13 +12,13 @@ pub enum LoaderError {
     Load {
         pin_dir: PathBuf,
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("program {program} was rejected by the kernel: {}", chain(.source))]
     Program {
         program: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("map {map}: {detail}")]
     Map { map: String, detail: String },

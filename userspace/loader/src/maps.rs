@@ -24,11 +24,20 @@ where
     T::try_from(open(dir, name)?).map_err(|e| LoaderError::map(name, e))
 }
 
+/// aya reports a missing key on delete as the syscall's ENOENT, on lookup as `KeyNotFound`.
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
 /// `Ok(None)` for a missing key, so that callers only see real failures as errors.
 fn found<V>(r: Result<V, MapError>, map: &str) -> Result<Option<V>, LoaderError> {
     match r {
         Ok(v) => Ok(Some(v)),
-        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) if is_not_found(&e) => Ok(None),
         Err(e) => Err(LoaderError::map(map, e)),
     }
 }
@@ -89,9 +98,11 @@ impl PodMap {
         })
     }
 
+    /// Removing a missing entry is not an error.
     pub fn remove(&mut self, netns_cookie: u64) -> Result<(), LoaderError> {
         match self.0.remove(&netns_cookie) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(LoaderError::map(map_names::PODS, e)),
         }
     }
@@ -193,7 +204,7 @@ impl StatsMap {
 }
 
 /// Sizes of every map, for `nodemesh status`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MapSizes {
     pub pods: usize,
     pub pending: usize,

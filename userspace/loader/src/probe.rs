@@ -50,7 +50,7 @@ impl Check {
 
 fn fs_magic(path: &Path) -> Result<i64, String> {
     nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 as i64)
+        .map(|s| s.filesystem_type().0)
         .map_err(|e| format!("statfs {}: {e}", path.display()))
 }
 

@@ -28,7 +28,7 @@ const STREAM_BYTES: usize = 4 << 20;
 const CHUNK: usize = 16 << 10;
 
 /// The result of a self-test run.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SelfTestReport {
     pub passed: bool,
     pub detail: String,

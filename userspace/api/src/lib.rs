@@ -1,0 +1,15 @@
+//! nodemesh's own gRPC APIs, generated from `proto/` at the workspace root.
+//!
+//! Only generated code lives here, in its own crate, so that editing the agent does not
+//! recompile it.
+
+/// `nodemesh.registry.v1`: the pod registry served on the agent's unix socket.
+pub mod registry {
+    #![allow(
+        missing_docs,
+        missing_debug_implementations,
+        clippy::all,
+        clippy::pedantic
+    )]
+    tonic::include_proto!("nodemesh.registry.v1");
+}
