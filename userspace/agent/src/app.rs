@@ -1,0 +1,377 @@
+//! The agent's life: start-up order, the two runtimes, and how it ends.
+//!
+//! Start-up, in this order (each step's failure is fatal and says what is missing):
+//! 1. kernel programs: probe, load against the pinned maps, attach or adopt (`nodemesh-loader`);
+//! 2. `NM_CONFIG`: the proxy address, and the sockmap switch after its self-test;
+//! 3. a running predecessor? ask it for the proxy (see [`crate::handoff`]); it stops its
+//!    registry and admin first, so the state file read next is final;
+//! 4. the pod registry, restored from the state file and reconciled with the pod map;
+//! 5. the proxy on the listener (the predecessor's, or a fresh one), then the connections
+//!    the predecessor hands over;
+//! 6. the registry API, admin, and the handoff socket for the next agent; ready.
+//!
+//! Runtimes (the ztunnel arrangement): a multi-threaded *data-plane* runtime runs only the
+//! proxy; admin, the registry API and the handoff run on a single-threaded *control*
+//! runtime on the main thread, so a slow scrape or a burst of registry calls cannot add
+//! latency to proxied traffic.
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use nodemesh_loader::{
+    Datapath, DatapathConfig,
+    maps::{OrigDstMap, PodMap},
+};
+use nodemesh_proxy::{Outbound, handoff, metrics::ProxyMetrics, orig_dst::KernelOrigDst, outbound};
+use nodemesh_workloads::{Registry, RegistryConfig, api::RegistryService};
+use tokio::{
+    net::{TcpListener, UnixListener},
+    runtime::Handle,
+    signal::unix::{SignalKind, signal},
+    sync::{Mutex, watch},
+};
+use tokio_stream::wrappers::UnixListenerStream;
+use tracing::{error, info, warn};
+
+use crate::{
+    admin::{self, AdminState},
+    config::AgentConfig,
+    handoff::{Predecessor, Successor},
+    metrics::EbpfCollector,
+    sockmap::SockmapSwitch,
+};
+
+/// Runs the agent until it is told to stop or hands over to a successor.
+pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let workers = match cfg.runtime.worker_threads {
+        0 => std::thread::available_parallelism().map_or(2, usize::from),
+        n => n,
+    };
+    let dataplane = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("nm-dataplane")
+        .enable_all()
+        .build()
+        .context("starting the data-plane runtime")?;
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the control runtime")?;
+    let result = control.block_on(agent(cfg, dataplane.handle().clone()));
+    dataplane.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+/// Removes nodemesh from the node: everything attached and pinned under `bpffs_dir`.
+pub fn cleanup(cfg: &AgentConfig) -> anyhow::Result<()> {
+    let report = nodemesh_loader::cleanup(&cfg.bpffs_dir)
+        .with_context(|| format!("removing what is pinned under {}", cfg.bpffs_dir.display()))?;
+    for path in &report.removed {
+        info!(%path, "removed");
+    }
+    for file in [
+        cfg.state_file(),
+        cfg.registry_socket(),
+        cfg.admin_socket(),
+        cfg.handoff_socket(),
+    ] {
+        if std::fs::remove_file(&file).is_ok() {
+            info!(path = %file.display(), "removed");
+        }
+    }
+    let _ = std::fs::remove_dir(&cfg.run_dir);
+    info!(
+        removed = report.removed.len(),
+        "nodemesh removed from this node"
+    );
+    Ok(())
+}
+
+async fn agent(cfg: AgentConfig, data: Handle) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.run_dir)
+        .with_context(|| format!("creating the run directory {}", cfg.run_dir.display()))?;
+
+    // 1. Kernel programs.
+    let datapath_cfg = DatapathConfig {
+        cgroup: cfg.cgroup_path.clone(),
+        bpffs_dir: cfg.bpffs_dir.clone(),
+        max_pods: cfg.limits.max_pods,
+        max_connections: cfg.limits.max_connections,
+        kernel_log_level: cfg.log.kernel,
+    };
+    let mut datapath = Datapath::load(&datapath_cfg).context("loading the kernel programs")?;
+    if let Some(logs) = datapath.take_logger() {
+        tokio::spawn(pump_kernel_logs(logs));
+    }
+    let pin_dir = datapath.pin_dir().to_owned();
+
+    // 2. NM_CONFIG and the sockmap switch.
+    let sockmap = {
+        let (pin_dir, proxy, mode, timeout) = (
+            pin_dir.clone(),
+            cfg.proxy.clone(),
+            cfg.sockmap.mode,
+            cfg.sockmap.selftest_timeout,
+        );
+        tokio::task::spawn_blocking(move || SockmapSwitch::init(&pin_dir, &proxy, mode, timeout))
+            .await
+            .context("sockmap self-test task")?
+            .context("configuring the kernel programs")?
+    };
+    let sockmap = Arc::new(sockmap);
+
+    // 3. A predecessor to take over from?
+    let mut predecessor = if cfg.handoff.enabled {
+        Predecessor::connect(&cfg.handoff_socket())
+            .await
+            .context("asking the running agent to hand over")?
+    } else {
+        None
+    };
+    let inherited_listener = match &mut predecessor {
+        Some(p) => p
+            .take_listener()
+            .await
+            .context("receiving the proxy listener")?,
+        None => None,
+    };
+
+    // 4. The pod registry.
+    let mut metrics = prometheus_client::registry::Registry::default();
+    metrics.register_collector(Box::new(EbpfCollector::new(pin_dir.clone())));
+    let selector = cfg.selector().context("namespace_selector")?;
+    let mut registry = Registry::new(
+        RegistryConfig {
+            namespace_selector: selector,
+            attach_cgroup: cfg.cgroup_path.clone(),
+            max_pods: cfg.limits.max_pods as usize,
+            state_file: Some(cfg.state_file()),
+        },
+        PodMap::open(&pin_dir).context("opening the pod map")?,
+        &mut metrics,
+    )
+    .context("starting the pod registry")?;
+    registry.restore().context("restoring the pod registry")?;
+    let table = registry.table();
+    let registry = Arc::new(Mutex::new(registry));
+
+    // 5. The proxy.
+    let proxy_metrics = ProxyMetrics::register(&mut metrics);
+    let orig_dst = Arc::new(KernelOrigDst::new(
+        OrigDstMap::open(&pin_dir).context("opening NM_ORIG_DST")?,
+    ));
+    let outbound = Outbound::new(cfg.proxy.clone(), orig_dst, table, proxy_metrics);
+    let listener = match inherited_listener {
+        Some(l) => l,
+        None => outbound::bind(&cfg.proxy)
+            .with_context(|| format!("binding the proxy listener {}", cfg.proxy.listen))?,
+    };
+    let (stop_accept, stop_accept_rx) = watch::channel(false);
+    let accept = data.spawn({
+        let outbound = outbound.clone();
+        async move {
+            let listener = TcpListener::from_std(listener)?;
+            Ok::<_, std::io::Error>(outbound.serve(listener, stop_accept_rx).await)
+        }
+    });
+    if let Some(p) = predecessor.take() {
+        p.receive_connections(outbound.clone(), data.clone());
+    }
+
+    // 6. Registry API, admin, handoff socket.
+    let (stop_servers, stop_servers_rx) = watch::channel(false);
+    let registry_api = serve_registry(&cfg, registry.clone(), stop_servers_rx.clone())?;
+    let admin_state = Arc::new(AdminState {
+        ready: false.into(),
+        metrics,
+        pin_dir: pin_dir.clone(),
+        cgroup: cfg.cgroup_path.clone(),
+        programs: datapath.programs().to_vec(),
+        checks: datapath.checks().to_vec(),
+        sockmap,
+        registry: registry.clone(),
+        outbound: outbound.clone(),
+        proxy_listen: cfg.proxy.listen,
+    });
+    let admin_tcp = bind_admin_tcp(&cfg).await?;
+    let admin_unix = bind_unix(&cfg.admin_socket())?;
+    let admin = tokio::spawn(admin::serve(
+        admin_state.clone(),
+        admin_tcp,
+        admin_unix,
+        stop_servers_rx,
+    ));
+    let handoff_listener = if cfg.handoff.enabled {
+        Some(handoff::Listener::bind(&cfg.handoff_socket()).context("binding the handoff socket")?)
+    } else {
+        None
+    };
+    admin_state.ready.store(true, Ordering::Relaxed);
+    info!(
+        proxy = %cfg.proxy.listen,
+        admin = %cfg.admin.listen,
+        registry = %cfg.registry_socket().display(),
+        "nodemesh agent ready"
+    );
+
+    // Until a signal or a successor.
+    let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let successor = async {
+        match &handoff_listener {
+            Some(l) => l.accept().await,
+            None => std::future::pending().await,
+        }
+    };
+    let stopping = tokio::select! {
+        _ = sigterm.recv() => { info!("SIGTERM: draining"); None }
+        _ = sigint.recv() => { info!("SIGINT: draining"); None }
+        r = successor => match r {
+            Ok(channel) => Some(channel),
+            Err(e) => { error!(error = %e, "handoff socket failed; draining"); None }
+        },
+    };
+
+    // Stop taking new work: registry and admin first (a successor needs their sockets and
+    // a final state file), then the accept loop.
+    admin_state.ready.store(false, Ordering::Relaxed);
+    let _ = stop_servers.send(true);
+    let _ = registry_api.await;
+    let _ = admin.await;
+    let _ = stop_accept.send(true);
+    let listener = match accept.await {
+        Ok(Ok(l)) => Some(l),
+        Ok(Err(e)) => {
+            warn!(error = %e, "proxy listener failed");
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "accept task failed");
+            None
+        }
+    };
+    let _guard = data.enter();
+    let listener = listener.and_then(|l| l.into_std().ok());
+
+    match stopping {
+        Some(channel) => {
+            Successor::new(channel, &outbound, cfg.handoff.park_timeout)
+                .hand_over(listener)
+                .await;
+        }
+        None => {
+            // No successor yet: close the listener (new connects are refused until an agent
+            // binds again), keep relaying, and still hand over if a successor appears.
+            drop(listener);
+            if let Some(l) = &handoff_listener {
+                tokio::select! {
+                    () = wait_idle(&outbound) => {}
+                    r = l.accept() => if let Ok(channel) = r {
+                        Successor::new(channel, &outbound, cfg.handoff.park_timeout).hand_over(None).await;
+                    },
+                    () = tokio::time::sleep(cfg.handoff.drain_timeout) => {}
+                }
+            }
+        }
+    }
+    drain(&outbound, cfg.handoff.drain_timeout).await;
+    drop(handoff_listener);
+    info!("nodemesh agent stopped; the kernel programs stay attached");
+    Ok(())
+}
+
+/// Waits until no connection is relayed, or `timeout`.
+async fn drain(outbound: &Outbound, timeout: Duration) {
+    let active = outbound.active_connections();
+    if active == 0 {
+        return;
+    }
+    info!(active, ?timeout, "waiting for connections to end");
+    if tokio::time::timeout(timeout, wait_idle(outbound))
+        .await
+        .is_err()
+    {
+        warn!(
+            active = outbound.active_connections(),
+            "drain timeout: closing the remaining connections"
+        );
+    }
+}
+
+async fn wait_idle(outbound: &Outbound) {
+    while outbound.active_connections() > 0 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn bind_unix(path: &std::path::Path) -> anyhow::Result<UnixListener> {
+    if path.exists() {
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    Ok(l)
+}
+
+async fn bind_admin_tcp(cfg: &AgentConfig) -> anyhow::Result<TcpListener> {
+    // A predecessor that just handed over may still be closing its admin socket.
+    let mut last = None;
+    for _ in 0..50 {
+        match TcpListener::bind(cfg.admin.listen).await {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("binding admin {}", cfg.admin.listen)),
+        }
+    }
+    match last {
+        Some(e) => Err(e).with_context(|| format!("binding admin {}", cfg.admin.listen)),
+        None => bail!("binding admin {}", cfg.admin.listen),
+    }
+}
+
+fn serve_registry(
+    cfg: &AgentConfig,
+    registry: Arc<Mutex<Registry<PodMap>>>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = bind_unix(&cfg.registry_socket())?;
+    let service = RegistryService::new(registry);
+    Ok(tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+            .await
+        {
+            error!(error = %e, "registry API failed");
+        }
+    }))
+}
+
+/// Forwards the kernel programs' aya-log records to the log.
+async fn pump_kernel_logs(logs: nodemesh_loader::datapath::KernelLogs) {
+    // SAFETY: `KernelLogs` owns its ring buffer's descriptor for as long as the AsyncFd
+    // holds it, and nothing else closes it.
+    let mut fd = match unsafe { tokio::io::unix::AsyncFd::register(logs) } {
+        Ok(fd) => fd,
+        Err(e) => return warn!(error = %e, "cannot watch the kernel log buffer"),
+    };
+    loop {
+        match fd.readable_mut().await {
+            Ok(mut guard) => {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            Err(e) => return warn!(error = %e, "kernel log buffer failed"),
+        }
+    }
+}

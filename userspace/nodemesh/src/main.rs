@@ -1,0 +1,140 @@
+//! `nodemesh`: the node agent and the tools to look at it.
+//!
+//! ```text
+//! nodemesh agent --config FILE [--cleanup]   run the node agent (or remove it from the node)
+//! nodemesh status [--maps] [--json]          is the eBPF path working? what is attached, counted, enabled
+//! nodemesh pod add|remove|list               the pod registry (what the Kubernetes watcher feeds)
+//! nodemesh namespace label NS k=v ...        set a namespace's labels (switches the mesh per namespace)
+//! nodemesh sockmap on|off                    switch the fast path at run time
+//! ```
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+mod admin_client;
+mod cmd_pod;
+mod cmd_status;
+
+/// Where the CLI finds a running agent.
+#[derive(Debug, Clone, clap::Args)]
+struct Target {
+    /// The agent's run directory (its unix sockets live there).
+    #[arg(
+        long,
+        env = "NODEMESH_RUN_DIR",
+        default_value = "/var/run/nodemesh",
+        global = true
+    )]
+    run_dir: PathBuf,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nodemesh",
+    version,
+    about = "eBPF-accelerated node-level service mesh data plane"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the node agent.
+    Agent {
+        /// The agent configuration (YAML).
+        #[arg(long, short = 'c', env = "NODEMESH_CONFIG")]
+        config: PathBuf,
+        /// Detach and remove everything this agent's configuration pinned, then exit.
+        #[arg(long)]
+        cleanup: bool,
+    },
+    /// Show what is attached, what the kernel programs counted, and which pods are enabled.
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Also dump the pod and original-destination maps.
+        #[arg(long)]
+        maps: bool,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+        /// Read the pinned maps directly when no agent answers (the agent's `bpffs_dir`).
+        #[arg(long, default_value = "/sys/fs/bpf/nodemesh")]
+        bpffs_dir: PathBuf,
+    },
+    /// The pod registry.
+    Pod {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: cmd_pod::PodCommand,
+    },
+    /// Namespaces.
+    Namespace {
+        #[command(flatten)]
+        target: Target,
+        #[command(subcommand)]
+        command: cmd_pod::NamespaceCommand,
+    },
+    /// Switch the sockmap fast path at run time (established connections are kept).
+    Sockmap {
+        #[command(flatten)]
+        target: Target,
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Agent { config, cleanup } => agent(&config, cleanup),
+        Command::Status {
+            target,
+            maps,
+            json,
+            bpffs_dir,
+        } => runtime()
+            .and_then(|rt| rt.block_on(cmd_status::run(&target.run_dir, &bpffs_dir, maps, json))),
+        Command::Pod { target, command } => {
+            runtime().and_then(|rt| rt.block_on(cmd_pod::pod(&target.run_dir, command)))
+        }
+        Command::Namespace { target, command } => {
+            runtime().and_then(|rt| rt.block_on(cmd_pod::namespace(&target.run_dir, command)))
+        }
+        Command::Sockmap { target, state } => runtime().and_then(|rt| {
+            rt.block_on(async {
+                let path = format!("/sockmap?enabled={}", state == "on");
+                let body =
+                    admin_client::request(&target.run_dir, hyper::Method::POST, &path).await?;
+                print!("{body}");
+                Ok(())
+            })
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nodemesh: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn agent(config: &std::path::Path, cleanup: bool) -> anyhow::Result<()> {
+    let cfg = nodemesh_agent::AgentConfig::load(config)?;
+    nodemesh_telemetry::logging::init(&cfg.log.level, cfg.log.json).map_err(anyhow::Error::msg)?;
+    if cleanup {
+        nodemesh_agent::app::cleanup(&cfg)
+    } else {
+        nodemesh_agent::app::run(cfg)
+    }
+}
