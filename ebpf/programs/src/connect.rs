@@ -16,6 +16,7 @@ use aya_ebpf::{
     EbpfContext as _, bindings::bpf_sock_addr, helpers::bpf_get_netns_cookie,
     helpers::bpf_get_socket_cookie, macros::cgroup_sock_addr, programs::SockAddrContext,
 };
+use aya_log_ebpf::{debug, warn};
 use nodemesh_common::{Counter, OrigDst, POD_CAPTURE, is_loopback, is_v4_mapped, v4_mapped};
 
 use crate::maps::{PENDING, config, count, pod};
@@ -187,7 +188,15 @@ fn decide(ctx: &SockAddrContext, ip: &[u32; 4], port: u16, c: &Counters) -> Deci
     };
     if PENDING.insert(&cookie, &orig, 0).is_err() {
         count(c.failed);
+        warn!(
+            ctx,
+            "connect: cannot record the original destination (NM_PENDING); refused"
+        );
         return Decision::Refuse;
     }
+    debug!(
+        ctx,
+        "connect: pod {} port {} -> node proxy", entry.pod_id, port
+    );
     Decision::Redirect(cfg.proxy_ip, cfg.proxy_port)
 }

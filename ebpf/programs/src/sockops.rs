@@ -24,6 +24,7 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
+use aya_log_ebpf::warn;
 use nodemesh_common::{
     CONFIG_SOCKMAP, Config, Counter, POD_ACCELERATE, SockKey, is_loopback, is_v4_mapped, v4_mapped,
 };
@@ -59,6 +60,10 @@ fn active_established(ctx: &SockOpsContext) {
             watch_close = true;
         } else {
             count(Counter::SockopsOrigDstFailed);
+            warn!(
+                ctx,
+                "sockops: cannot record the original destination (NM_ORIG_DST)"
+            );
         }
     }
 
@@ -108,14 +113,19 @@ fn accelerate(ctx: &SockOpsContext, key: &SockKey, cfg: &Config) -> bool {
     // find the mark, or it would fall back to the stack at its first message.
     if ACCEL.insert(key, &1, BPF_ANY as u64).is_err() {
         count(Counter::SockopsSockhashFailed);
+        warn!(ctx, "sockops: NM_ACCEL is full; socket not accelerated");
         return false;
     }
     let mut key = *key;
     // SAFETY: `ctx.ops` is the program's context, which the helper expects.
     let ops: &mut bpf_sock_ops = unsafe { &mut *ctx.ops };
-    if SOCKS.update(&mut key, ops, BPF_ANY as u64).is_err() {
+    if let Err(e) = SOCKS.update(&mut key, ops, BPF_ANY as u64) {
         let _ = ACCEL.remove(&key);
         count(Counter::SockopsSockhashFailed);
+        warn!(
+            ctx,
+            "sockops: SockHash insert failed ({}); socket not accelerated", e
+        );
         return false;
     }
     count(Counter::SockopsSockhashInserted);
