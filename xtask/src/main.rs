@@ -4,6 +4,7 @@
 //! - `setup`: install what a fresh machine lacks (nightly rust-src, bpf-linker on the
 //!   nightly's LLVM, Debian packages, bpffs, a PyPI virtualenv); idempotent.
 //! - `build [--release]`: setup, then every host binary (kernel programs embedded).
+//! - `test [--unit] [--filter NAME] [--skip-setup]`: everything CI runs (`.ci/run`).
 //! - `demo`, `bench`: setup, release build, then the demo or the benchmarks.
 //!
 //! Each step prints `==> step: what`; a failure names the step and says what to do; every
@@ -13,7 +14,9 @@
 //! to compile when they do not.
 mod bench;
 mod cmd_build;
+mod cmd_test;
 mod demo;
+mod leftovers;
 mod setup;
 mod steps;
 mod util;
@@ -45,6 +48,18 @@ enum Cmd {
     Build {
         #[arg(long)]
         release: bool,
+        /// Do not run setup first.
+        #[arg(long)]
+        skip_setup: bool,
+    },
+    /// Everything CI runs: fmt, clippy, unit tests, build, privileged node tests.
+    Test {
+        /// Stop after fmt, clippy, unit tests and build (no root needed).
+        #[arg(long)]
+        unit: bool,
+        /// Run only the node tests whose name contains NAME.
+        #[arg(long, value_name = "NAME")]
+        filter: Option<String>,
         /// Do not run setup first.
         #[arg(long)]
         skip_setup: bool,
@@ -112,6 +127,19 @@ fn run(cmd: Cmd, steps: &mut Steps) -> anyhow::Result<()> {
             setup(steps, skip_setup)?;
             cmd_build::build_bins(&ws, steps, release)
         }
+        Cmd::Test {
+            unit,
+            filter,
+            skip_setup,
+        } => cmd_test::run(
+            &ws,
+            steps,
+            &cmd_test::TestOpts {
+                unit,
+                filter,
+                skip_setup,
+            },
+        ),
         Cmd::Demo {
             keep,
             debug,
@@ -153,5 +181,15 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_options_parse() {
+        let cli = Cli::try_parse_from(["xtask", "test", "--unit", "--filter", "redirect"])
+            .expect("parses");
+        assert!(matches!(
+            cli.cmd,
+            Cmd::Test { unit: true, filter: Some(ref f), skip_setup: false } if f == "redirect"
+        ));
     }
 }

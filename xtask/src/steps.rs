@@ -22,7 +22,7 @@ enum Outcome {
     Done,
     AlreadyPresent,
     NotNeeded,
-    Skipped(String),
+    Skipped { why: String, loud: bool },
     Failed,
 }
 
@@ -32,7 +32,8 @@ impl fmt::Display for Outcome {
             Outcome::Done => "ok",
             Outcome::AlreadyPresent => "present",
             Outcome::NotNeeded => "-",
-            Outcome::Skipped(_) => "SKIPPED",
+            Outcome::Skipped { loud: false, .. } => "skipped",
+            Outcome::Skipped { loud: true, .. } => "SKIPPED",
             Outcome::Failed => "FAILED",
         })
     }
@@ -114,13 +115,30 @@ impl Steps {
         result.with_context(|| format!("step `{name}` failed"))
     }
 
-    /// Records a step that was deliberately not run, and says so loudly.
+    /// Records a step the user chose not to run (e.g. `--skip-setup`).
     pub fn skip(&mut self, name: &str, why: &str) {
+        println!("==> {name}: skipped ({why})");
+        self.records.push(Record {
+            name: name.to_owned(),
+            took: Duration::ZERO,
+            outcome: Outcome::Skipped {
+                why: why.to_owned(),
+                loud: false,
+            },
+        });
+    }
+
+    /// Records a step that should have run and did not; repeated after the summary so that
+    /// nobody mistakes the run for a complete one.
+    pub fn skip_loudly(&mut self, name: &str, why: &str) {
         println!("==> {name}: SKIPPED: {why}");
         self.records.push(Record {
             name: name.to_owned(),
             took: Duration::ZERO,
-            outcome: Outcome::Skipped(why.to_owned()),
+            outcome: Outcome::Skipped {
+                why: why.to_owned(),
+                loud: true,
+            },
         });
     }
 
@@ -137,7 +155,7 @@ impl Steps {
         println!("==> summary");
         for r in &self.records {
             let note = match &r.outcome {
-                Outcome::Skipped(why) => format!("  ({why})"),
+                Outcome::Skipped { why, .. } => format!("  ({why})"),
                 _ => String::new(),
             };
             println!(
@@ -149,7 +167,7 @@ impl Steps {
         }
         println!("    {:<8} {:>7}", "total", secs(self.start.elapsed()));
         for r in &self.records {
-            if let Outcome::Skipped(why) = &r.outcome {
+            if let Outcome::Skipped { why, loud: true } = &r.outcome {
                 println!("!!! SKIPPED {}: {why}", r.name);
             }
         }

@@ -6,6 +6,8 @@ use anyhow::Context as _;
 
 /// The eBPF crate: built only for the BPF target, by the loader's build script.
 pub const EBPF_PACKAGE: &str = "nodemesh-ebpf";
+/// The privileged, namespaced end-to-end tests.
+pub const NODE_TESTS_PACKAGE: &str = "nodemesh-tests";
 
 #[derive(Debug, Clone)]
 pub struct Workspace {
