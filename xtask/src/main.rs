@@ -33,6 +33,7 @@ use crate::workspace::Workspace;
 #[derive(Debug, Parser)]
 #[command(
     name = "cargo xtask",
+    bin_name = "cargo xtask",
     about = "nodemesh's setup, build, test, demo and bench"
 )]
 struct Cli {

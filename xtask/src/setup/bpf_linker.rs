@@ -46,17 +46,21 @@ pub fn check() -> anyhow::Result<Check> {
     let built_for = find_in_path("bpf-linker")
         .and_then(|path| linked_llvm_major(&path))
         .or_else(read_stamp);
-    Ok(match built_for {
-        Some(major) if major == nightly.major => Check::Present(format!("{version}, LLVM {major}")),
+    Ok(verdict(&version, built_for, nightly.major))
+}
+
+/// Whether `version`, built for LLVM `built_for` (if known), fits the nightly's LLVM.
+fn verdict(version: &str, built_for: Option<u32>, nightly_major: u32) -> Check {
+    match built_for {
+        Some(major) if major == nightly_major => Check::Present(format!("{version}, LLVM {major}")),
         Some(major) => Check::Missing(format!(
-            "{version} was built for LLVM {major}, nightly has LLVM {}: rebuilding",
-            nightly.major
+            "{version} was built for LLVM {major}, nightly has LLVM {nightly_major}: rebuilding"
         )),
         None => Check::Missing(format!(
             "cannot tell which LLVM {version} was built for (no libLLVM in ldd, no stamp): \
              rebuilding"
         )),
-    })
+    }
 }
 
 pub fn install() -> anyhow::Result<()> {
@@ -196,6 +200,22 @@ mod tests {
             ldd_llvm_major("\tlibc.so.6 => /lib/libc.so.6 (0x1)\n"),
             None
         );
+    }
+
+    #[test]
+    fn rebuilds_unless_built_for_the_nightly_llvm() {
+        assert!(matches!(
+            verdict("bpf-linker 0.13.0", Some(22), 22),
+            Check::Present(_)
+        ));
+        assert!(matches!(
+            verdict("bpf-linker 0.13.0", Some(21), 22),
+            Check::Missing(_)
+        ));
+        assert!(matches!(
+            verdict("bpf-linker 0.13.0", None, 22),
+            Check::Missing(_)
+        ));
     }
 
     #[test]
