@@ -186,7 +186,7 @@ fn decide(ctx: &SockAddrContext, ip: &[u32; 4], port: u16, c: &Counters) -> Deci
         pod_id: entry.pod_id,
         netns_cookie,
     };
-    if PENDING.insert(&cookie, &orig, 0).is_err() {
+    if PENDING.insert(cookie, orig, 0).is_err() {
         count(c.failed);
         warn!(
             ctx,

@@ -59,5 +59,5 @@ pub fn config() -> Option<&'static Config> {
 #[inline(always)]
 pub fn pod(netns_cookie: u64) -> Option<PodEntry> {
     // SAFETY: the value is plain data copied out of the map.
-    unsafe { PODS.get(&netns_cookie) }.copied()
+    unsafe { PODS.get(netns_cookie) }.copied()
 }

@@ -29,12 +29,12 @@ pub fn nm_sk_msg(ctx: SkMsgContext) -> u32 {
         return SK_PASS;
     };
     // SAFETY: plain data lookup.
-    if unsafe { ACCEL.get(&key) }.is_none() {
+    if unsafe { ACCEL.get(key) }.is_none() {
         count(Counter::MsgStack);
         return SK_PASS;
     }
     if config().is_none_or(|cfg| cfg.flags & CONFIG_SOCKMAP == 0) {
-        let _ = ACCEL.remove(&key);
+        let _ = ACCEL.remove(key);
         count(Counter::MsgDisabled);
         return SK_PASS;
     }
@@ -44,7 +44,7 @@ pub fn nm_sk_msg(ctx: SkMsgContext) -> u32 {
         add(Counter::MsgRedirectedBytes, u64::from(ctx.size()));
     } else {
         // No peer: this message takes the stack, and so must every later one.
-        let _ = ACCEL.remove(&key);
+        let _ = ACCEL.remove(key);
         count(Counter::MsgNoPeer);
     }
     // With a successful redirect the kernel sees the target set and redirects; without one,

@@ -53,9 +53,9 @@ fn active_established(ctx: &SockOpsContext) {
     // SAFETY: the helper only reads the context's socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     // SAFETY: plain data copied out of the map.
-    if let Some(orig) = unsafe { PENDING.get(&cookie) }.copied() {
-        let _ = PENDING.remove(&cookie);
-        if ORIG_DST.insert(&key, &orig, 0).is_ok() {
+    if let Some(orig) = unsafe { PENDING.get(cookie) }.copied() {
+        let _ = PENDING.remove(cookie);
+        if ORIG_DST.insert(key, orig, 0).is_ok() {
             count(Counter::SockopsOrigDstRecorded);
             watch_close = true;
         } else {
@@ -82,7 +82,7 @@ fn active_established(ctx: &SockOpsContext) {
 fn passive_established(ctx: &SockOpsContext) {
     let Some(key) = sock_key(ctx) else { return };
     // SAFETY: plain data lookup.
-    if unsafe { ACCEL.get(&key.reversed()) }.is_none() {
+    if unsafe { ACCEL.get(key.reversed()) }.is_none() {
         return;
     }
     let Some(cfg) = config() else { return };
@@ -99,8 +99,8 @@ fn passive_established(ctx: &SockOpsContext) {
 
 fn closed(ctx: &SockOpsContext) {
     let Some(key) = sock_key(ctx) else { return };
-    let _ = ACCEL.remove(&key);
-    let _ = ORIG_DST.remove(&key);
+    let _ = ACCEL.remove(key);
+    let _ = ORIG_DST.remove(key);
 }
 
 /// Puts the socket on the fast path; returns whether it did.
@@ -111,7 +111,7 @@ fn accelerate(ctx: &SockOpsContext, key: &SockKey, cfg: &Config) -> bool {
     }
     // NM_ACCEL first: once the socket is in the SockHash its sk_msg program runs and must
     // find the mark, or it would fall back to the stack at its first message.
-    if ACCEL.insert(key, &1, BPF_ANY as u64).is_err() {
+    if ACCEL.insert(key, 1, BPF_ANY as u64).is_err() {
         count(Counter::SockopsSockhashFailed);
         warn!(ctx, "sockops: NM_ACCEL is full; socket not accelerated");
         return false;
@@ -120,7 +120,7 @@ fn accelerate(ctx: &SockOpsContext, key: &SockKey, cfg: &Config) -> bool {
     // SAFETY: `ctx.ops` is the program's context, which the helper expects.
     let ops: &mut bpf_sock_ops = unsafe { &mut *ctx.ops };
     if let Err(e) = SOCKS.update(&mut key, ops, BPF_ANY as u64) {
-        let _ = ACCEL.remove(&key);
+        let _ = ACCEL.remove(key);
         count(Counter::SockopsSockhashFailed);
         warn!(
             ctx,

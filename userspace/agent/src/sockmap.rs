@@ -45,14 +45,25 @@ impl SockmapSwitch {
                     ..base
                 })?;
                 let report = nodemesh_loader::selftest::run(pin_dir, selftest_timeout)?;
-                if report.passed {
+                let safe = report.passed && report.blocking_recv_ok;
+                if safe {
                     info!(detail = %report.detail, elapsed_ms = report.elapsed_ms, "sockmap self-test passed");
-                } else if mode == SockmapMode::Auto {
-                    error!(detail = %report.detail, "sockmap self-test failed: the fast path stays off on this kernel");
+                } else if !report.passed {
+                    error!(detail = %report.detail, ?mode, "sockmap self-test FAILED: data did not move correctly");
                 } else {
-                    warn!(detail = %report.detail, "sockmap self-test failed, but sockmap.mode is `on`");
+                    warn!(
+                        detail = %report.detail,
+                        ?mode,
+                        "sockmap moves data correctly, but on this kernel a blocking recv on an \
+                         accelerated socket can fail with EAGAIN; `sockmap.mode: on` accelerates \
+                         anyway (safe for non-blocking applications), `auto` keeps it off"
+                    );
                 }
-                let on = report.passed || mode == SockmapMode::On;
+                let on = match mode {
+                    SockmapMode::Auto => safe,
+                    SockmapMode::On => true,
+                    SockmapMode::Off => false,
+                };
                 selftest = Some(report);
                 on
             }

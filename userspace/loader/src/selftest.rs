@@ -4,8 +4,15 @@
 //! the fast path on it pushes real traffic through the real programs and maps: a loopback
 //! TCP pair in the agent's own namespace is put into `NM_SOCKS`/`NM_ACCEL` by hand (the
 //! agent's namespace is not a pod, so sockops would not), both ends send a patterned stream
-//! at once and half-close, and the receivers check every byte. It passes only if the data
-//! arrives intact before the deadline and the sk_msg program really redirected it.
+//! at once and half-close, and the receivers check every byte. The data part passes only if
+//! everything arrives intact before the deadline and the sk_msg program really redirected it.
+//!
+//! A second probe checks a semantic difference found on Linux 6.18: a socket in a sockmap
+//! reads through `tcp_bpf_recvmsg`, which ends a *blocking* `recv` with `EAGAIN` whenever the
+//! socket's wait queue is woken without data (for instance by the ACK of its own FIN, after
+//! another thread half-closed it). Applications on non-blocking sockets (epoll: Go, Java NIO,
+//! Node, Envoy, nginx, tokio) retry and never notice; a blocking-socket application may treat
+//! the error as fatal. The probe reports whether this kernel has the behaviour.
 use std::{
     io::{Read, Write},
     net::{Shutdown, TcpListener, TcpStream},
@@ -16,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nodemesh_common::{CONFIG_SOCKMAP, Counter};
+use nodemesh_common::{CONFIG_SOCKMAP, Counter, SockKey};
 
 use crate::{
     LoaderError, addr,
@@ -30,10 +37,14 @@ const CHUNK: usize = 16 << 10;
 /// The result of a self-test run.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SelfTestReport {
+    /// Data integrity, ordering and progress: the fast path moves bytes correctly.
     pub passed: bool,
     pub detail: String,
     pub redirected_messages: u64,
     pub elapsed_ms: u64,
+    /// Whether a blocking `recv` keeps blocking across a wakeup without data (see the module
+    /// documentation); `false` on kernels where it returns `EAGAIN`.
+    pub blocking_recv_ok: bool,
 }
 
 /// Runs the self-test against the maps pinned under `pin_dir`. The sockmap switch must be
@@ -55,42 +66,19 @@ pub fn run(pin_dir: &Path, deadline: Duration) -> Result<SelfTestReport, LoaderE
             .map_or(0, |(_, n)| n))
     };
 
-    let io = |what: &'static str| move |e| LoaderError::io(what, "127.0.0.1", e);
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(io("self-test listen"))?;
-    let a = TcpStream::connect(listener.local_addr().map_err(io("self-test listen"))?)
-        .map_err(io("self-test connect"))?;
-    let (b, _) = listener.accept().map_err(io("self-test accept"))?;
-    let keys = [&a, &b].map(|s| {
-        let local = s.local_addr().map(addr::canonical);
-        let peer = s.peer_addr().map(addr::canonical);
-        local.and_then(|l| peer.map(|p| addr::sock_key(l, p)))
-    });
-    let [Ok(key_a), Ok(key_b)] = keys else {
-        return Err(LoaderError::Other(
-            "self-test: socket addresses unavailable".into(),
-        ));
-    };
-    let insert = |fast: &mut FastPathMaps| -> Result<(), LoaderError> {
-        for (key, sock) in [(key_a, &a), (key_b, &b)] {
-            fast.accel
-                .insert(key, 1, 0)
-                .map_err(|e| LoaderError::map("NM_ACCEL", e))?;
-            fast.socks
-                .insert(key, sock.as_raw_fd(), 0)
-                .map_err(|e| LoaderError::map("NM_SOCKS", e))?;
-        }
-        Ok(())
-    };
     let before = redirected(&stats)?;
     let start = Instant::now();
-    let outcome = insert(&mut fast).and_then(|()| exchange(a, b, deadline));
+    let outcome = accelerated_pair(&mut fast).and_then(|(a, b, keys)| {
+        let r = exchange(a, b, deadline);
+        for key in keys {
+            let _ = fast.accel.remove(&key);
+        }
+        r
+    });
     let elapsed_ms = start.elapsed().as_millis() as u64;
-    for key in [key_a, key_b] {
-        let _ = fast.accel.remove(&key);
-    }
     let redirected_messages = redirected(&stats)?.saturating_sub(before);
 
-    let (passed, detail) = match outcome {
+    let (passed, mut detail) = match outcome {
         Err(e) => (false, e.to_string()),
         Ok(()) if redirected_messages == 0 => (
             false,
@@ -101,12 +89,87 @@ pub fn run(pin_dir: &Path, deadline: Duration) -> Result<SelfTestReport, LoaderE
             format!("2 x {} MiB exchanged intact", STREAM_BYTES >> 20),
         ),
     };
+    let blocking_recv_ok = match blocking_recv_probe(&mut fast) {
+        Ok(ok) => ok,
+        Err(e) => {
+            detail.push_str(&format!("; blocking-recv probe failed: {e}"));
+            false
+        }
+    };
+    if !blocking_recv_ok {
+        detail.push_str(
+            "; a blocking recv on an accelerated socket can return EAGAIN when woken without data",
+        );
+    }
     Ok(SelfTestReport {
         passed,
         detail,
         redirected_messages,
         elapsed_ms,
+        blocking_recv_ok,
     })
+}
+
+/// A loopback pair with both ends on the fast path; the caller removes the keys from
+/// `NM_ACCEL` (the sockets leave the SockHash when they close).
+fn accelerated_pair(
+    fast: &mut FastPathMaps,
+) -> Result<(TcpStream, TcpStream, [SockKey; 2]), LoaderError> {
+    let io = |what: &'static str| move |e| LoaderError::io(what, "127.0.0.1", e);
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(io("self-test listen"))?;
+    let a = TcpStream::connect(listener.local_addr().map_err(io("self-test listen"))?)
+        .map_err(io("self-test connect"))?;
+    let (b, _) = listener.accept().map_err(io("self-test accept"))?;
+    let mut keys = [SockKey::default(); 2];
+    for (i, sock) in [&a, &b].into_iter().enumerate() {
+        let local = sock.local_addr().map_err(io("self-test address"))?;
+        let peer = sock.peer_addr().map_err(io("self-test address"))?;
+        keys[i] = addr::sock_key(addr::canonical(local), addr::canonical(peer));
+        fast.accel
+            .insert(keys[i], 1, 0)
+            .map_err(|e| LoaderError::map("NM_ACCEL", e))?;
+        fast.socks
+            .insert(keys[i], sock.as_raw_fd(), 0)
+            .map_err(|e| LoaderError::map("NM_SOCKS", e))?;
+    }
+    Ok((a, b, keys))
+}
+
+/// A reader blocks on `a` with nothing to read; another thread half-closes `a` (the ACK of
+/// its FIN wakes the reader without data); 200 ms later `b` sends one byte. A correct kernel
+/// hands the reader that byte; affected ones end its `recv` with `EAGAIN` at the wakeup.
+fn blocking_recv_probe(fast: &mut FastPathMaps) -> Result<bool, LoaderError> {
+    let (a, mut b, keys) = accelerated_pair(fast)?;
+    let mut reader = a
+        .try_clone()
+        .map_err(|e| LoaderError::io("self-test clone", "127.0.0.1", e))?;
+    let read = thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        reader.read(&mut byte)
+    });
+    thread::sleep(Duration::from_millis(50));
+    let sent = a
+        .shutdown(Shutdown::Write)
+        .and_then(|()| {
+            thread::sleep(Duration::from_millis(200));
+            b.write_all(b"x")
+        })
+        .and_then(|()| b.shutdown(Shutdown::Write));
+    let outcome = read.join();
+    for key in keys {
+        let _ = fast.accel.remove(&key);
+    }
+    sent.map_err(|e| LoaderError::io("self-test probe", "127.0.0.1", e))?;
+    match outcome {
+        Ok(Ok(1)) => Ok(true),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Ok(other) => Err(LoaderError::Other(format!(
+            "blocking-recv probe: unexpected {other:?}"
+        ))),
+        Err(_) => Err(LoaderError::Other(
+            "blocking-recv probe: the reader panicked".into(),
+        )),
+    }
 }
 
 /// Both ends send a patterned stream and half-close while the other reads and checks it.
