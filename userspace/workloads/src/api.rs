@@ -10,10 +10,7 @@ use nodemesh_api::registry::{
 use tokio::{net::UnixStream, sync::Mutex};
 use tonic::{Request, Response, Status, transport::Channel};
 
-use crate::{
-    pod::PodSpec,
-    registry::{PodMapWriter, Registry},
-};
+use crate::registry::{PodMapWriter, Registry};
 
 /// Requests larger than this are refused before decoding: a pod is a few hundred bytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -41,12 +38,11 @@ impl<M: PodMapWriter + 'static> PodRegistry for RegistryService<M> {
         &self,
         req: Request<api::AddPodRequest>,
     ) -> Result<Response<api::AddPodResponse>, Status> {
-        let pod = req
-            .into_inner()
-            .pod
-            .ok_or_else(|| Status::invalid_argument("pod: required"))?;
-        let spec = PodSpec::from_api(pod)?;
-        let info = self.registry.lock().await.add_pod(spec)?;
+        let info = self
+            .registry
+            .lock()
+            .await
+            .add_api_pod(req.into_inner().pod)?;
         Ok(Response::new(api::AddPodResponse {
             status: Some(info.status()),
         }))

@@ -264,6 +264,20 @@ impl<M: PodMapWriter> Registry<M> {
         r
     }
 
+    /// [`Registry::add_pod`] for a request straight from the API (`None`: no pod in it),
+    /// validated and counted as one request.
+    pub fn add_api_pod(
+        &mut self,
+        pod: Option<nodemesh_api::registry::Pod>,
+    ) -> Result<Arc<PodInfo>, RegistryError> {
+        let r = pod
+            .ok_or_else(|| RegistryError::Invalid(vec!["pod: required".into()]))
+            .and_then(PodSpec::from_api)
+            .and_then(|spec| self.try_add_pod(spec));
+        self.count("add_pod", &r);
+        r
+    }
+
     fn try_add_pod(&mut self, spec: PodSpec) -> Result<Arc<PodInfo>, RegistryError> {
         let key = (spec.namespace.clone(), spec.name.clone());
         let previous = self.pods.get(&key).cloned();
