@@ -238,8 +238,18 @@ async fn agent(cfg: AgentConfig, data: Handle) -> anyhow::Result<()> {
     // a final state file), then the accept loop.
     admin_state.ready.store(false, Ordering::Relaxed);
     let _ = stop_servers.send(true);
-    let _ = registry_api.await;
-    let _ = admin.await;
+    // The registry API shuts down gracefully, which waits for clients to hang up; a client
+    // that never does must not hold the agent (or its successor) hostage.
+    for (what, task) in [("registry API", registry_api), ("admin", admin)] {
+        let abort = task.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .is_err()
+        {
+            warn!(server = what, "did not stop in time; closing it");
+            abort.abort();
+        }
+    }
     let _ = stop_accept.send(true);
     let listener = match accept.await {
         Ok(Ok(l)) => Some(l),

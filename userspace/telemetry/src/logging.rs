@@ -9,12 +9,20 @@ pub fn init(default_filter: &str, json: bool) -> Result<(), String> {
         .or_else(|_| EnvFilter::try_new(default_filter))
         .map_err(|e| format!("log filter {default_filter:?}: {e}"))?;
     let registry = tracing_subscriber::registry().with(filter);
+    // stderr, like Envoy: stdout stays free for a command's own output.
     let result = if json {
         registry
-            .with(fmt::layer().json().with_current_span(false))
+            .with(
+                fmt::layer()
+                    .json()
+                    .with_current_span(false)
+                    .with_writer(std::io::stderr),
+            )
             .try_init()
     } else {
-        registry.with(fmt::layer().with_target(true)).try_init()
+        registry
+            .with(fmt::layer().with_target(true).with_writer(std::io::stderr))
+            .try_init()
     };
     result.map_err(|e| e.to_string())
 }

@@ -398,7 +398,7 @@ fn one_connection(addr: SocketAddr, seed: u64, opts: ConnOpts) -> Result<(u64, u
         }
         if !hold.is_zero() {
             // Hold the connection open once everything came back.
-            while echoed_w.load(Ordering::Relaxed) < bytes {
+            while echoed_w.load(Ordering::Relaxed) < bytes && Instant::now() < deadline {
                 thread::sleep(Duration::from_millis(5));
             }
             thread::sleep(hold);
