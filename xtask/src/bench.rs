@@ -1,7 +1,10 @@
-//! `cargo xtask bench`: data-path benchmarks on a simulated node (not written yet).
+//! `cargo xtask bench`: runs `nodemesh-bench` (benches/src/bin/bench.rs) from the fresh
+//! release build: request/response latency direct, through the node proxy, and through the
+//! node proxy with sockmap, in interleaved rounds; JSON and Markdown in `out_dir`.
 use std::path::PathBuf;
+use std::process::Command;
 
-use anyhow::bail;
+use crate::util;
 
 #[derive(Debug, Clone)]
 pub struct BenchOpts {
@@ -14,11 +17,16 @@ pub struct BenchOpts {
 }
 
 pub fn run(opts: &BenchOpts) -> anyhow::Result<()> {
-    println!(
-        "bench: not implemented yet (quick={}, out_dir={}, bin_dir={})",
-        opts.quick,
-        opts.out_dir.display(),
-        opts.bin_dir.display()
-    );
-    bail!("`cargo xtask bench` is not implemented yet")
+    let mut cmd = Command::new(opts.bin_dir.join("nodemesh-bench"));
+    cmd.env("NODEMESH_BIN_DIR", &opts.bin_dir)
+        .arg("--out-dir")
+        .arg(&opts.out_dir);
+    if opts.quick {
+        cmd.arg("--quick");
+    }
+    util::run(
+        &mut cmd,
+        "the benchmark failed; its output above names the path and round (nothing else may load \
+         the machine while it runs)",
+    )
 }
