@@ -419,3 +419,80 @@ fn the_agent_refuses_to_start_naming_the_missing_feature() {
     );
     assert!(!sim.bpffs_dir().exists(), "nothing was pinned");
 }
+
+/// A dual-stack (AF_INET6) socket connecting to an IPv4-mapped address is captured by
+/// connect6 the same way.
+#[test]
+fn dual_stack_sockets_are_captured_by_connect6() {
+    if !require_root() {
+        return;
+    }
+    let mut node = MeshNode::start("connect6").expect("node");
+    let client = node.add_pod("client", "shop").expect("pod");
+    let server = node.add_pod("server", "shop").expect("pod");
+    node.enable_namespace("shop").expect("label");
+    let _echo = node
+        .serve(&server, PORT, &["--mode", "echo"])
+        .expect("echo");
+    let before = node.counters().expect("counters");
+    let mapped = format!("[::ffff:{}]:{PORT}", server.ip);
+    let r = node
+        .podapp(
+            &client,
+            &[
+                "client",
+                "--connect",
+                &mapped,
+                "--connections",
+                "3",
+                "--bytes",
+                "100000",
+            ],
+            T,
+        )
+        .expect("client");
+    assert_eq!(ok(&r), 3);
+    let after = node.counters().expect("counters");
+    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    assert_eq!(delta("connect6.redirected"), 3);
+    assert_eq!(delta("connect4.redirected"), 0);
+    assert_eq!(
+        delta("sockops.orig_dst_recorded"),
+        3,
+        "the mapped tuple matched the proxy's IPv4 view"
+    );
+    assert_eq!(accepted(&node), 3.0);
+}
+
+/// A node full of pods refuses the next one clearly, and keeps serving the others.
+#[test]
+fn a_full_node_refuses_more_pods() {
+    if !require_root() {
+        return;
+    }
+    let opts = nodemesh_tests::mesh::AgentOptions {
+        extra: vec!["limits:".into(), "  max_pods: 2".into()],
+        ..Default::default()
+    };
+    let mut node = MeshNode::start_with("full", &opts).expect("node");
+    let a = node.add_pod("a", "shop").expect("pod");
+    let b = node.add_pod("b", "shop").expect("pod");
+    let c = node.sim.add_pod("c", "shop").expect("pod");
+    node.enable_namespace("shop").expect("label");
+    let err = node
+        .add_pod_raw(nodemesh_tests::mesh::api_pod(&c))
+        .expect_err("a third pod");
+    assert_eq!(
+        err.code(),
+        tonic::Code::ResourceExhausted,
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("max_pods"), "{}", err.message());
+    let _echo = node.serve(&b, PORT, &["--mode", "echo"]).expect("echo");
+    let r = node
+        .podapp(&a, &["client", "--connect", &format!("{}:{PORT}", b.ip)], T)
+        .expect("client");
+    assert_eq!(ok(&r), 1);
+    assert_eq!(accepted(&node), 1.0);
+}

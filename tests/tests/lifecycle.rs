@@ -121,6 +121,25 @@ fn the_agent_stops_and_starts_again() {
         .podapp(&client, &["client", "--connect", &dst, "--bytes", "10"], T)
         .expect("client");
     assert_eq!(r["ok"], 0, "{r}");
+    // `nodemesh status` still answers from the pinned maps, and shows that capture happened.
+    let mut cmd = std::process::Command::new(nodemesh_simnode::bin_path("nodemesh"));
+    cmd.args(["status", "--run-dir"])
+        .arg(node.sim.run_dir())
+        .arg("--bpffs-dir")
+        .arg(node.sim.bpffs_dir());
+    let out = node.sim.run_in_node(cmd, T).expect("status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("agent: not reachable"), "{text}");
+    assert!(
+        text.contains("redirected="),
+        "the kernel counters are shown: {text}"
+    );
+    assert!(text.contains("pods 2"), "{text}");
 
     node.start_agent().expect("start");
     let status = node.status().expect("status");

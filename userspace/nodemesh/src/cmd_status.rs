@@ -101,9 +101,10 @@ fn render(s: &Status) -> String {
     if let Some(t) = &sm.selftest {
         let _ = write!(
             out,
-            ", self-test {} in {} ms: {}",
-            if t.passed { "passed" } else { "FAILED" },
+            "\n  self-test ({} ms): data {}, blocking recv {}\n  {}",
             t.elapsed_ms,
+            if t.passed { "intact" } else { "FAILED" },
+            if t.blocking_recv_ok { "ok" } else { "can return EAGAIN when woken without data" },
             t.detail
         );
     }
