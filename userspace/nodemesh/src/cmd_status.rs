@@ -104,7 +104,11 @@ fn render(s: &Status) -> String {
             "\n  self-test ({} ms): data {}, blocking recv {}\n  {}",
             t.elapsed_ms,
             if t.passed { "intact" } else { "FAILED" },
-            if t.blocking_recv_ok { "ok" } else { "can return EAGAIN when woken without data" },
+            if t.blocking_recv_ok {
+                "ok"
+            } else {
+                "can return EAGAIN when woken without data"
+            },
             t.detail
         );
     }
