@@ -414,3 +414,19 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Asserts that an `nm-podapp client|churn` report has no failed connection; returns how
+/// many succeeded.
+pub fn all_ok(report: &serde_json::Value) -> u64 {
+    assert_eq!(report["failed"], 0, "{report}");
+    report["ok"].as_u64().unwrap_or(0)
+}
+
+/// How much kernel counter `key` (`program.event`) grew between two [`MeshNode::counters`].
+pub fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, key: &str) -> u64 {
+    after
+        .get(key)
+        .copied()
+        .unwrap_or(0)
+        .saturating_sub(before.get(key).copied().unwrap_or(0))
+}

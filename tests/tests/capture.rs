@@ -2,7 +2,7 @@
 use std::time::Duration;
 
 use nodemesh_simnode::require_root;
-use nodemesh_tests::mesh::{MeshNode, metric};
+use nodemesh_tests::mesh::{MeshNode, all_ok, delta, metric};
 
 const PORT: u16 = 8080;
 const T: Duration = Duration::from_secs(60);
@@ -13,11 +13,6 @@ fn accepted(node: &MeshNode) -> f64 {
         "nodemesh_proxy_accepted_connections_total",
         &[],
     )
-}
-
-fn ok(report: &serde_json::Value) -> u64 {
-    assert_eq!(report["failed"], 0, "{report}");
-    report["ok"].as_u64().unwrap_or(0)
 }
 
 /// An enabled pod's connection goes through the proxy and arrives intact, from small
@@ -55,7 +50,7 @@ fn enabled_pods_go_through_the_proxy_with_payload_intact() {
             T,
         )
         .expect("small");
-    assert_eq!(ok(&small), 10);
+    assert_eq!(all_ok(&small), 10);
     let big = node
         .podapp(
             &client,
@@ -71,7 +66,7 @@ fn enabled_pods_go_through_the_proxy_with_payload_intact() {
             T,
         )
         .expect("64 MiB");
-    assert_eq!(ok(&big), 1);
+    assert_eq!(all_ok(&big), 1);
     assert_eq!(big["bytes_received"], 64u64 << 20);
 
     let who = node
@@ -88,7 +83,7 @@ fn enabled_pods_go_through_the_proxy_with_payload_intact() {
     );
 
     let after = node.counters().expect("counters");
-    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    let delta = |k: &str| delta(&before, &after, k);
     assert_eq!(
         delta("connect4.redirected"),
         12,
@@ -155,7 +150,7 @@ fn pods_outside_the_mesh_go_direct() {
             T,
         )
         .expect("client");
-    assert_eq!(ok(&r), 5);
+    assert_eq!(all_ok(&r), 5);
     let who = node
         .podapp(
             &client,
@@ -171,7 +166,7 @@ fn pods_outside_the_mesh_go_direct() {
     );
 
     let after = node.counters().expect("counters");
-    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    let delta = |k: &str| delta(&before, &after, k);
     assert_eq!(delta("connect4.redirected"), 0);
     assert_eq!(delta("connect4.not_enabled"), 6);
     assert_eq!(accepted(&node), 0.0, "the proxy accepted nothing");
@@ -216,11 +211,11 @@ fn toggling_a_namespace_changes_new_connections_only() {
         )
         .expect("long-lived");
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(ok(&node.podapp(&client, &short, T).expect("direct")), 1);
+    assert_eq!(all_ok(&node.podapp(&client, &short, T).expect("direct")), 1);
     assert_eq!(accepted(&node), 0.0);
 
     node.enable_namespace("shop").expect("enable");
-    assert_eq!(ok(&node.podapp(&client, &short, T).expect("meshed")), 1);
+    assert_eq!(all_ok(&node.podapp(&client, &short, T).expect("meshed")), 1);
     assert_eq!(
         accepted(&node),
         1.0,
@@ -229,7 +224,7 @@ fn toggling_a_namespace_changes_new_connections_only() {
 
     node.disable_namespace("shop").expect("disable");
     assert_eq!(
-        ok(&node.podapp(&client, &short, T).expect("direct again")),
+        all_ok(&node.podapp(&client, &short, T).expect("direct again")),
         1
     );
     assert_eq!(accepted(&node), 1.0, "and direct again once disabled");
@@ -451,9 +446,9 @@ fn dual_stack_sockets_are_captured_by_connect6() {
             T,
         )
         .expect("client");
-    assert_eq!(ok(&r), 3);
+    assert_eq!(all_ok(&r), 3);
     let after = node.counters().expect("counters");
-    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    let delta = |k: &str| delta(&before, &after, k);
     assert_eq!(delta("connect6.redirected"), 3);
     assert_eq!(delta("connect4.redirected"), 0);
     assert_eq!(
@@ -493,6 +488,6 @@ fn a_full_node_refuses_more_pods() {
     let r = node
         .podapp(&a, &["client", "--connect", &format!("{}:{PORT}", b.ip)], T)
         .expect("client");
-    assert_eq!(ok(&r), 1);
+    assert_eq!(all_ok(&r), 1);
     assert_eq!(accepted(&node), 1.0);
 }

@@ -3,15 +3,10 @@
 use std::time::Duration;
 
 use nodemesh_simnode::require_root;
-use nodemesh_tests::mesh::{AgentOptions, MeshNode, metric};
+use nodemesh_tests::mesh::{AgentOptions, MeshNode, all_ok, metric};
 
 const PORT: u16 = 8080;
 const T: Duration = Duration::from_secs(90);
-
-fn ok(report: &serde_json::Value) -> u64 {
-    assert_eq!(report["failed"], 0, "{report}");
-    report["ok"].as_u64().unwrap_or(0)
-}
 
 /// A new agent takes over from a running one: connections open through the proxy keep
 /// working (the old agent hands them over), the kernel programs are adopted in place, the
@@ -91,7 +86,7 @@ fn the_agent_restarts_under_live_connections_without_breaking_them() {
             T,
         )
         .expect("new connection");
-    assert_eq!(ok(&r), 1);
+    assert_eq!(all_ok(&r), 1);
     let metrics = node.metrics().expect("metrics");
     assert!(metric(&metrics, "nodemesh_proxy_accepted_connections_total", &[]) >= 1.0);
 }
@@ -156,7 +151,7 @@ fn the_agent_stops_and_starts_again() {
             T,
         )
         .expect("client");
-    assert_eq!(ok(&r), 1);
+    assert_eq!(all_ok(&r), 1);
 }
 
 /// One pod cannot take more than its share of the proxy.
@@ -203,7 +198,11 @@ fn a_pod_is_limited_without_affecting_others() {
             T,
         )
         .expect("quiet");
-    assert_eq!(ok(&quiet_report), 4, "the quiet pod gets its full share");
+    assert_eq!(
+        all_ok(&quiet_report),
+        4,
+        "the quiet pod gets its full share"
+    );
     let mut noisy_run = noisy_run;
     let _ = noisy_run.wait_timeout(T).expect("noisy finishes");
     let noisy_report: serde_json::Value =
@@ -248,9 +247,11 @@ fn cleanup_leaves_nothing_behind() {
         .expect("echo");
     let dst = format!("{}:{PORT}", server.ip);
     assert_eq!(
-        ok(&node
-            .podapp(&client, &["client", "--connect", &dst], T)
-            .expect("client")),
+        all_ok(
+            &node
+                .podapp(&client, &["client", "--connect", &dst], T)
+                .expect("client")
+        ),
         1
     );
 
@@ -273,9 +274,11 @@ fn cleanup_leaves_nothing_behind() {
     // The programs are gone: with no agent running, a captured connect would be refused;
     // this one reaches the server directly.
     assert_eq!(
-        ok(&node
-            .podapp(&client, &["client", "--connect", &dst], T)
-            .expect("direct")),
+        all_ok(
+            &node
+                .podapp(&client, &["client", "--connect", &dst], T)
+                .expect("direct")
+        ),
         1
     );
 

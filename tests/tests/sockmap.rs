@@ -1,22 +1,13 @@
 //! The sockmap fast path, tested hard: which hops it short-circuits, large transfers both
 //! ways, many concurrent connections, half-close, peers that stop reading, churn, and the
 //! run-time switch. Every client runs under a deadline: a stall fails the test.
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use nodemesh_simnode::{Pod, require_root};
-use nodemesh_tests::mesh::{AgentOptions, MeshNode};
+use nodemesh_tests::mesh::{AgentOptions, MeshNode, all_ok, delta};
 
 const PORT: u16 = 8080;
 const T: Duration = Duration::from_secs(90);
-
-fn ok(report: &serde_json::Value) -> u64 {
-    assert_eq!(report["failed"], 0, "{report}");
-    report["ok"].as_u64().unwrap_or(0)
-}
-
-fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, key: &str) -> u64 {
-    after.get(key).copied().unwrap_or(0) - before.get(key).copied().unwrap_or(0)
-}
 
 /// A node with a client and an echo server in an enabled namespace.
 fn meshed(label: &str) -> (MeshNode, Pod, Pod, nodemesh_simnode::Process) {
@@ -131,7 +122,7 @@ fn large_transfers_both_ways_arrive_intact() {
             T,
         )
         .expect("client");
-    assert_eq!(ok(&r), 2);
+    assert_eq!(all_ok(&r), 2);
     assert_eq!(r["bytes_received"], 2 * (64u64 << 20));
     let after = node.counters().expect("counters");
     assert!(delta(&before, &after, "sk_msg.redirected_bytes") >= 4 * 2 * (64u64 << 20));
@@ -173,7 +164,7 @@ fn two_hundred_concurrent_connections_from_four_pods() {
         let status = p.wait_timeout(T).expect("finishes");
         let report: serde_json::Value = serde_json::from_str(p.stdout_text().trim()).expect("json");
         assert!(status.success(), "{report}");
-        assert_eq!(ok(&report), 50);
+        assert_eq!(all_ok(&report), 50);
     }
     let metrics = node.metrics().expect("metrics");
     let opened = nodemesh_tests::mesh::metric(
@@ -227,7 +218,7 @@ fn a_peer_that_stops_reading_delays_but_loses_nothing() {
             T,
         )
         .expect("client");
-    assert_eq!(ok(&r), 2);
+    assert_eq!(all_ok(&r), 2);
     assert!(
         r["elapsed_ms"].as_u64().unwrap_or(0) >= 2000,
         "the pause was real: {r}"
@@ -257,7 +248,7 @@ fn connection_churn() {
             T,
         )
         .expect("churn");
-    assert_eq!(ok(&r), 300);
+    assert_eq!(all_ok(&r), 300);
     let after = node.counters().expect("counters");
     assert_eq!(delta(&before, &after, "connect4.redirected"), 300);
     assert_eq!(delta(&before, &after, "sockops.sockhash_inserted"), 1200);
@@ -311,7 +302,7 @@ fn sockmap_can_be_switched_off_and_on_at_run_time() {
             T,
         )
         .expect("client");
-    assert_eq!(ok(&r), 1);
+    assert_eq!(all_ok(&r), 1);
     let mid = node.counters().expect("counters");
     assert!(
         delta(&before, &mid, "sk_msg.disabled") >= 1,
@@ -337,7 +328,7 @@ fn sockmap_can_be_switched_off_and_on_at_run_time() {
             T,
         )
         .expect("client");
-    assert_eq!(ok(&r), 1);
+    assert_eq!(all_ok(&r), 1);
     let after = node.counters().expect("counters");
     assert!(
         delta(&mid, &after, "sk_msg.redirected") > 0,

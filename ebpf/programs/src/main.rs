@@ -15,6 +15,7 @@
 #![no_main]
 
 mod connect;
+mod key;
 mod maps;
 mod sk_msg;
 mod sockops;

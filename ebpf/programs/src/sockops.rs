@@ -13,8 +13,6 @@
 //!
 //! "Accelerate" means: put the socket into `NM_SOCKS` (the SockHash the sk_msg program
 //! redirects through) and mark it in `NM_ACCEL` (see `sk_msg` for why both).
-use core::ptr::read_volatile;
-
 use aya_ebpf::{
     bindings::{
         BPF_ANY, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
@@ -26,13 +24,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use nodemesh_common::{
-    CONFIG_SOCKMAP, Config, Counter, POD_ACCELERATE, SockKey, is_loopback, is_v4_mapped, v4_mapped,
+    CONFIG_SOCKMAP, Config, Counter, POD_ACCELERATE, SockKey, is_loopback, is_v4_mapped,
 };
 
-use crate::maps::{ACCEL, ORIG_DST, PENDING, SOCKS, config, count, pod};
+use crate::{
+    key,
+    maps::{ACCEL, ORIG_DST, PENDING, SOCKS, config, count, pod},
+};
 
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
 const TCP_CLOSE: u32 = 7;
 
 #[sock_ops]
@@ -136,50 +135,9 @@ fn accelerate(ctx: &SockOpsContext, key: &SockKey, cfg: &Config) -> bool {
 /// (loopback, native IPv6, other families).
 #[inline(always)]
 fn sock_key(ctx: &SockOpsContext) -> Option<SockKey> {
-    let ops = ctx.ops;
-    // Every field is read unconditionally, one volatile 4-byte load each: if the loads sat in
-    // the family branches, LLVM would merge them into one load through a computed context
-    // pointer, which the verifier rejects ("dereference of modified ctx ptr").
-    // SAFETY: 4-byte loads of readable context fields.
-    let (family, v4, v6) = unsafe {
-        let l = &(*ops).local_ip6;
-        let r = &(*ops).remote_ip6;
-        (
-            read_volatile(&(*ops).family),
-            (
-                read_volatile(&(*ops).local_ip4),
-                read_volatile(&(*ops).remote_ip4),
-            ),
-            (
-                [
-                    read_volatile(&l[0]),
-                    read_volatile(&l[1]),
-                    read_volatile(&l[2]),
-                    read_volatile(&l[3]),
-                ],
-                [
-                    read_volatile(&r[0]),
-                    read_volatile(&r[1]),
-                    read_volatile(&r[2]),
-                    read_volatile(&r[3]),
-                ],
-            ),
-        )
-    };
-    let (local_ip, remote_ip) = match family {
-        AF_INET => (v4_mapped(v4.0), v4_mapped(v4.1)),
-        AF_INET6 => v6,
-        _ => return None,
-    };
-    if !is_v4_mapped(&local_ip) || is_loopback(&local_ip) || is_loopback(&remote_ip) {
+    let key = key::sock_key(&key::read_tuple!(ctx.ops))?;
+    if !is_v4_mapped(&key.local_ip) || is_loopback(&key.local_ip) || is_loopback(&key.remote_ip) {
         return None;
     }
-    Some(SockKey {
-        local_ip,
-        remote_ip,
-        // Host byte order in the context.
-        local_port: ctx.local_port() as u16,
-        // Network byte order in the upper 16 bits of the 32-bit field.
-        remote_port: u32::from_be(ctx.remote_port()) as u16,
-    })
+    Some(key)
 }

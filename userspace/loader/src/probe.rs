@@ -86,14 +86,15 @@ fn helper(ty: ProgramType, helper: BpfHelper) -> Result<(), String> {
     }
 }
 
-fn netns_cookie_sockopt() -> Result<(), String> {
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("socket: {e}"))?;
+/// The network namespace cookie of the namespace `socket` was created in
+/// (`SO_NETNS_COOKIE`, Linux 5.14): what `bpf_get_netns_cookie()` returns for its sockets.
+pub fn netns_cookie(socket: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u64> {
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: valid socket, out pointer and length for an 8-byte option.
     let ret = unsafe {
         libc::getsockopt(
-            sock.as_raw_fd(),
+            socket.as_raw_fd(),
             libc::SOL_SOCKET,
             SO_NETNS_COOKIE,
             std::ptr::from_mut(&mut cookie).cast(),
@@ -101,10 +102,18 @@ fn netns_cookie_sockopt() -> Result<(), String> {
         )
     };
     if ret == 0 {
-        Ok(())
+        Ok(cookie)
     } else {
-        Err(std::io::Error::last_os_error().to_string())
+        Err(std::io::Error::last_os_error())
     }
+}
+
+fn netns_cookie_sockopt() -> Result<(), String> {
+    use std::os::fd::AsFd as _;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("socket: {e}"))?;
+    netns_cookie(sock.as_fd())
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 fn kernel_at_least(major: u8, minor: u8) -> Result<(), String> {

@@ -86,18 +86,20 @@ pub fn prog_attach(
     prog: BorrowedFd<'_>,
     attach_type: u32,
 ) -> io::Result<()> {
-    let mut attr = ProgAttachAttr {
-        target_fd: target.as_raw_fd() as u32,
-        attach_bpf_fd: prog.as_raw_fd() as u32,
-        attach_type,
-        attach_flags: 0,
-        replace_bpf_fd: 0,
-    };
-    bpf(BPF_PROG_ATTACH, &mut attr)
+    prog_attach_cmd(BPF_PROG_ATTACH, target, prog, attach_type)
 }
 
 /// `BPF_PROG_DETACH` of `prog` from `target`.
 pub fn prog_detach(
+    target: BorrowedFd<'_>,
+    prog: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<()> {
+    prog_attach_cmd(BPF_PROG_DETACH, target, prog, attach_type)
+}
+
+fn prog_attach_cmd(
+    cmd: libc::c_long,
     target: BorrowedFd<'_>,
     prog: BorrowedFd<'_>,
     attach_type: u32,
@@ -109,7 +111,7 @@ pub fn prog_detach(
         attach_flags: 0,
         replace_bpf_fd: 0,
     };
-    bpf(BPF_PROG_DETACH, &mut attr)
+    bpf(cmd, &mut attr)
 }
 
 #[repr(C)]

@@ -7,13 +7,12 @@
 use std::{
     fs::File,
     io,
-    os::fd::{AsFd, AsRawFd},
+    os::fd::AsFd,
     path::{Path, PathBuf},
     sync::OnceLock,
 };
 
 use nix::sched::{CloneFlags, setns};
-use nodemesh_loader::probe::SO_NETNS_COOKIE;
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// `NSFS_MAGIC`: the filesystem of `/proc/<pid>/ns/*` and bind-mounted namespace files.
@@ -99,23 +98,7 @@ impl Netns {
 /// The cookie of the current thread's network namespace.
 pub fn current_cookie() -> io::Result<u64> {
     let sock = Socket::new(Domain::IPV4, Type::DGRAM, None)?;
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid socket, out pointer and length for an 8-byte option.
-    let ret = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            std::ptr::from_mut(&mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if ret == 0 {
-        Ok(cookie)
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    nodemesh_loader::probe::netns_cookie(sock.as_fd())
 }
 
 /// The cookie of the agent's own namespace (the node's).
