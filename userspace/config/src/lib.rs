@@ -1,8 +1,11 @@
 //! Envoy's v3 configuration, read the way Envoy reads it, into nodemesh's model.
+pub mod convert;
 pub mod matcher;
 pub mod model;
 pub mod pool;
 pub mod support;
+
+pub use convert::{Resources, Translated, load_bootstrap, load_config_dump, load_file, translate};
 
 /// What can go wrong reading configuration.
 #[derive(Debug, thiserror::Error)]
