@@ -1,0 +1,326 @@
+//! `envoy.filters.network.http_connection_manager`: HTTP/1.1 and HTTP/2 (prior knowledge)
+//! downstream connections on hyper, and what happens to each request before the router:
+//! per-source admission, route selection, direct responses and redirects.
+//!
+//! Protection against hostile clients comes from the codecs, configured from the HCM:
+//! HTTP/1 header size (`max_request_headers_kb` → 431) and count, the header read timeout
+//! (`request_headers_timeout`, 30 s when unset, where Envoy has none: a client that never
+//! finishes its headers must not hold a connection forever), conflicting
+//! `Content-Length`/`Transfer-Encoding` and invalid chunking (400, connection closed);
+//! HTTP/2 stream limits and window sizes from `http2_protocol_options`, and h2's limits on
+//! rapid resets, pending resets and header list size.
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use nodemesh_config::model::{HttpManager, Redirect, RouteAction, RouteConfig, RouteSource};
+use tokio::net::TcpStream;
+use tracing::{Instrument as _, debug, info_span};
+
+use crate::{
+    Accepted, Engine,
+    detect::Rewind,
+    headers::{self, Side},
+    local::{self, Flag},
+    route::{self, RequestView},
+    router::{self, RespBody},
+};
+
+/// Envoy has no default request header timeout; nodemesh uses this one.
+pub(crate) const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Streams an HTTP/2 client may reset before the connection is closed (rapid reset,
+/// CVE-2023-44487).
+const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// What every request of a connection shares.
+#[derive(Debug)]
+pub(crate) struct ConnCtx {
+    pub engine: Arc<Engine>,
+    pub hcm: Arc<HttpManager>,
+    pub accepted: Accepted,
+    pub downstream_h2: bool,
+}
+
+/// Serves an HTTP connection (`h2`: HTTP/2 with prior knowledge) until the client closes
+/// it or it fails.
+pub async fn serve(
+    engine: Arc<Engine>,
+    hcm: Arc<HttpManager>,
+    io: Rewind<TcpStream>,
+    h2: bool,
+    accepted: Accepted,
+) {
+    engine
+        .stats()
+        .downstream_connection(if h2 { "http2" } else { "http1" });
+    let ctx = Arc::new(ConnCtx {
+        engine: engine.clone(),
+        hcm: hcm.clone(),
+        accepted,
+        downstream_h2: h2,
+    });
+    let service = service_fn(move |req: Request<Incoming>| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+    });
+    let io = TokioIo::new(io);
+    let result = if h2 {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        let settings = &hcm.http2;
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(settings.max_concurrent_streams)
+            .initial_stream_window_size(settings.initial_stream_window_size)
+            .initial_connection_window_size(settings.initial_connection_window_size)
+            .max_header_list_size(hcm.max_request_headers_kb.saturating_mul(1024))
+            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+            .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS);
+        builder.serve_connection(io, service).await
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .keep_alive(true)
+            .header_read_timeout(
+                hcm.request_headers_timeout
+                    .unwrap_or(DEFAULT_HEADER_TIMEOUT),
+            )
+            .max_buf_size((hcm.max_request_headers_kb as usize * 1024).max(8192))
+            .max_headers(hcm.max_headers_count as usize)
+            .pipeline_flush(true);
+        builder.serve_connection(io, service).with_upgrades().await
+    };
+    if let Err(e) = result {
+        let kind = classify(&e);
+        engine.stats().protocol_error(kind);
+        debug!(error = %e, kind, "downstream connection ended with an error");
+    }
+}
+
+/// A metric label for why a downstream connection failed.
+fn classify(e: &hyper::Error) -> &'static str {
+    if e.is_timeout() {
+        "header_timeout"
+    } else if e.is_parse_too_large() {
+        "headers_too_large"
+    } else if e.is_parse() {
+        "malformed_request"
+    } else if e.is_incomplete_message() {
+        "incomplete_message"
+    } else if e.is_closed() || e.is_canceled() {
+        "closed"
+    } else {
+        "protocol_error"
+    }
+}
+
+/// One request, from admission to the response head.
+async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody> {
+    let start = Instant::now();
+    let grpc = route::is_grpc(req.headers());
+    let request_id = req.headers().get("x-request-id").cloned();
+    let span = info_span!("request", method = %req.method(), path = %req.uri().path(), source = %ctx.accepted.source.name);
+    let (mut response, route_label) = async {
+        let Some(_slot) = ctx.engine.tenants().request(&ctx.accepted.source) else {
+            return (
+                local::reply(503, Flag::Overloaded, "overloaded", grpc),
+                None,
+            );
+        };
+        dispatch(&ctx, req, grpc).await
+    }
+    .instrument(span)
+    .await;
+    finish(&ctx, &mut response, request_id);
+    let status = response.status().as_u16();
+    if let Some(flag) = response.extensions().get::<Flag>() {
+        ctx.engine.stats().local_reply(flag.as_str());
+    }
+    if let Some(label) = route_label {
+        ctx.engine.stats().route(&label, status, start.elapsed());
+    }
+    response
+}
+
+/// The connection manager's last word on every response.
+fn finish(ctx: &ConnCtx, response: &mut Response<RespBody>, request_id: Option<HeaderValue>) {
+    let h = response.headers_mut();
+    if let Ok(server) = HeaderValue::from_str(&ctx.hcm.server_name) {
+        h.insert(header::SERVER, server);
+    }
+    if ctx.hcm.always_set_request_id_in_response
+        && let Some(id) = request_id.or_else(|| h.get("x-request-id").cloned())
+    {
+        h.insert("x-request-id", id);
+    }
+}
+
+/// Selects the route and runs its action. Returns the response and the route's stats label.
+async fn dispatch(
+    ctx: &ConnCtx,
+    req: Request<Incoming>,
+    grpc: bool,
+) -> (Response<RespBody>, Option<String>) {
+    let state = ctx.engine.state();
+    let routes: Option<Arc<RouteConfig>> = match &ctx.hcm.routes {
+        RouteSource::Inline(rc) => Some(rc.clone()),
+        RouteSource::Named(name) => state.snapshot.routes.get(name).cloned(),
+    };
+    let Some(routes) = routes else {
+        return (local::reply(404, Flag::NoRoute, "", grpc), None);
+    };
+    let Some(host) = authority(&req) else {
+        return (
+            local::reply(
+                400,
+                Flag::ProtocolError,
+                "missing required header: host",
+                grpc,
+            ),
+            None,
+        );
+    };
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let scheme = if req.uri().scheme_str() == Some("https") {
+        "https"
+    } else {
+        "http"
+    };
+    let view = RequestView {
+        host: &host,
+        path: &path,
+        method: req.method().as_str(),
+        scheme,
+        headers: req.headers(),
+    };
+    let Some(selected) = route::select(&routes, &view) else {
+        return (local::reply(404, Flag::NoRoute, "", grpc), None);
+    };
+    let label = route_label(&routes, &selected);
+    let mutations = [
+        &selected.route.headers,
+        &selected.virtual_host.headers,
+        &routes.headers,
+    ];
+    let response = match &selected.route.action {
+        RouteAction::DirectResponse { status, body } => {
+            let mut r = local::reply(
+                *status,
+                Flag::DirectResponse,
+                body.as_deref().unwrap_or(""),
+                false,
+            );
+            headers::apply(r.headers_mut(), &mutations, Side::Response);
+            r
+        }
+        RouteAction::Redirect(redirect) => {
+            let mut r = redirect_response(redirect, &host, &path, scheme, &selected);
+            headers::apply(r.headers_mut(), &mutations, Side::Response);
+            r
+        }
+        RouteAction::Forward(forward) => {
+            let target = router::Target {
+                routes: &routes,
+                selected,
+                forward,
+                host: &host,
+            };
+            router::forward(ctx, &state, target, req, grpc).await
+        }
+    };
+    (response, Some(label))
+}
+
+/// `:authority` (HTTP/2, absolute-form) or `Host`.
+fn authority(req: &Request<Incoming>) -> Option<String> {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+        .filter(|h| !h.is_empty())
+}
+
+/// `<route config>/<virtual host>/<route name or index>`.
+fn route_label(routes: &RouteConfig, selected: &route::Selected<'_>) -> String {
+    let name = if selected.route.name.is_empty() {
+        selected.index.to_string()
+    } else {
+        selected.route.name.clone()
+    };
+    format!("{}/{}/{}", routes.name, selected.virtual_host.name, name)
+}
+
+/// Envoy's `RedirectAction`.
+fn redirect_response(
+    redirect: &Redirect,
+    host: &str,
+    path: &str,
+    scheme: &str,
+    selected: &route::Selected<'_>,
+) -> Response<RespBody> {
+    let new_scheme = redirect.scheme.as_deref().unwrap_or(scheme);
+    let original_host = route::strip_port(host);
+    let original_port = host
+        .get(original_host.len()..)
+        .and_then(|p| p.strip_prefix(':'))
+        .filter(|p| !p.is_empty());
+    let new_host = redirect.host.as_deref().unwrap_or(original_host);
+    let port = match (redirect.port, original_port) {
+        (Some(p), _) => Some(p.to_string()),
+        // A scheme change drops the old scheme's port.
+        (None, Some(_)) if new_scheme != scheme => None,
+        (None, p) if redirect.host.is_none() => p.map(str::to_owned),
+        (None, _) => None,
+    };
+    let (path_only, query) = match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    };
+    let mut new_path = match (&redirect.path, &redirect.prefix_rewrite) {
+        (Some(p), _) => p.clone(),
+        (None, Some(prefix)) => match &selected.route.matcher.path {
+            nodemesh_config::model::PathMatch::Prefix(matched)
+            | nodemesh_config::model::PathMatch::Separated(matched) => {
+                format!("{prefix}{}", path_only.get(matched.len()..).unwrap_or(""))
+            }
+            _ => path_only.to_owned(),
+        },
+        (None, None) => path_only.to_owned(),
+    };
+    // A path_redirect with its own query replaces the query; strip_query drops it.
+    if !new_path.contains('?')
+        && !redirect.strip_query
+        && let Some(q) = query
+    {
+        new_path.push('?');
+        new_path.push_str(q);
+    }
+    let location = match port {
+        Some(p) => format!("{new_scheme}://{new_host}:{p}{new_path}"),
+        None => format!("{new_scheme}://{new_host}{new_path}"),
+    };
+    let mut r = Response::new(local::full(Bytes::new()));
+    *r.status_mut() =
+        StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r.extensions_mut().insert(Flag::Redirect);
+    r
+}

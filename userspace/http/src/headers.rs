@@ -1,0 +1,187 @@
+//! Header handling shared by requests and responses: hop-by-hop headers, configured
+//! mutations, request ids.
+use http::{HeaderMap, HeaderName, HeaderValue, header};
+use nodemesh_config::model::{AppendAction, HeaderMutations, HeaderValueOption};
+
+/// Removes the hop-by-hop headers of RFC 9110 §7.6.1 and those named by `Connection`.
+/// `te: trailers` survives (gRPC needs it); `upgrade` survives when `keep_upgrade`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| !(keep_upgrade && name == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection", "transfer-encoding"] {
+        headers.remove(name);
+    }
+    if !keep_upgrade {
+        headers.remove(header::UPGRADE);
+        headers.remove(header::CONNECTION);
+    }
+    let te_trailers = headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// The upgrade a request asks for (`Connection: upgrade` + `Upgrade: x`), lower case.
+pub fn upgrade_of(headers: &HeaderMap) -> Option<String> {
+    let connection_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !connection_upgrade {
+        return None;
+    }
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_ascii_lowercase)
+}
+
+/// Which side of the exchange a mutation applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Request,
+    Response,
+}
+
+/// Applies levels of mutations in order (most specific first, as Envoy does by default):
+/// each level removes, then adds.
+pub fn apply(headers: &mut HeaderMap, levels: &[&HeaderMutations], side: Side) {
+    for level in levels {
+        let (add, remove) = match side {
+            Side::Request => (&level.request_add, &level.request_remove),
+            Side::Response => (&level.response_add, &level.response_remove),
+        };
+        for name in remove {
+            headers.remove(name.as_str());
+        }
+        for option in add {
+            add_one(headers, option);
+        }
+    }
+}
+
+fn add_one(headers: &mut HeaderMap, option: &HeaderValueOption) {
+    if option.value.is_empty() && !option.keep_empty_value {
+        return;
+    }
+    let (Ok(name), Ok(value)) = (
+        HeaderName::from_bytes(option.name.as_bytes()),
+        HeaderValue::from_str(&option.value),
+    ) else {
+        // Names and values were validated with the configuration.
+        return;
+    };
+    match option.append {
+        AppendAction::AppendIfExistsOrAdd => {
+            headers.append(name, value);
+        }
+        AppendAction::AddIfAbsent => {
+            if !headers.contains_key(&name) {
+                headers.insert(name, value);
+            }
+        }
+        AppendAction::OverwriteIfExistsOrAdd => {
+            headers.insert(name, value);
+        }
+        AppendAction::OverwriteIfExists => {
+            if headers.contains_key(&name) {
+                headers.insert(name, value);
+            }
+        }
+    }
+}
+
+/// A random UUID (version 4), Envoy's `x-request-id` format.
+pub fn request_id() -> HeaderValue {
+    let mut bytes = fastrand::u128(..).to_be_bytes();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let id = format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    );
+    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opt(name: &str, value: &str, append: AppendAction) -> HeaderValueOption {
+        HeaderValueOption {
+            name: name.into(),
+            value: value.into(),
+            append,
+            keep_empty_value: false,
+        }
+    }
+
+    #[test]
+    fn mutations_apply_most_specific_first() {
+        let route = HeaderMutations {
+            request_add: vec![
+                opt("x-a", "route", AppendAction::OverwriteIfExistsOrAdd),
+                opt("x-b", "route", AppendAction::AppendIfExistsOrAdd),
+            ],
+            request_remove: vec!["x-gone".into()],
+            ..HeaderMutations::default()
+        };
+        let vhost = HeaderMutations {
+            request_add: vec![
+                opt("x-a", "vhost", AppendAction::AddIfAbsent),
+                opt("x-b", "vhost", AppendAction::AppendIfExistsOrAdd),
+                opt("x-c", "vhost", AppendAction::OverwriteIfExists),
+            ],
+            ..HeaderMutations::default()
+        };
+        let mut h = HeaderMap::new();
+        h.insert("x-gone", HeaderValue::from_static("1"));
+        apply(&mut h, &[&route, &vhost], Side::Request);
+        assert_eq!(h["x-a"], "route");
+        let b: Vec<_> = h.get_all("x-b").iter().collect();
+        assert_eq!(b, ["route", "vhost"]);
+        assert!(!h.contains_key("x-c") && !h.contains_key("x-gone"));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("te", HeaderValue::from_static("gzip, trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h["te"], "trailers");
+        let id = request_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(&id.as_bytes()[14..15], b"4");
+    }
+}

@@ -1,0 +1,303 @@
+//! The L7 node proxy: Envoy's listeners, HTTP connection manager, router and clusters, on
+//! hyper.
+//!
+//! ```text
+//! accepted connection (+ original destination, + source pod)
+//!   -> listener ([`listener::listener_for`], `use_original_dst` hand-over)
+//!   -> inspectors ([`detect`]: h2c preface, HTTP/1 request line, TLS ClientHello)
+//!   -> filter chain ([`listener::select_chain`])
+//!   -> http_connection_manager ([`hcm`]: hyper HTTP/1.1 or HTTP/2 server)
+//!        -> route ([`route`]) -> direct response | redirect | router ([`router`])
+//!        -> cluster ([`upstream`]: health, balancing, circuit breakers, pooled connections)
+//!   -> or tcp_proxy ([`tcp`])
+//! ```
+//!
+//! Owns: everything between an accepted connection and its upstream, for one immutable
+//! configuration [`State`] at a time ([`Engine::update`] swaps it atomically; requests in
+//! flight finish on the state they started with), its statistics ([`stats`]) and the admin
+//! endpoints ([`admin`]).
+//!
+//! Must not: know how a connection was captured (the node proxy and `nodemesh proxy -c`
+//! both hand it over with an [`Accepted`]), or open upstream sockets itself: a [`Connector`]
+//! does (the node proxy's opens them in the source pod's network namespace).
+pub mod admin;
+pub mod detect;
+pub mod explain;
+pub mod hcm;
+mod headers;
+pub mod listener;
+mod local;
+pub mod route;
+pub mod router;
+pub mod server;
+pub mod stats;
+pub mod tcp;
+pub mod tenant;
+pub mod upstream;
+
+use std::{collections::HashMap, fmt, io, net::SocketAddr, pin::Pin, sync::Arc};
+
+use arc_swap::ArcSwap;
+use nodemesh_config::model::{Codec, Listener, NetworkFilter, Snapshot};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+pub use tenant::TenantLimits;
+use upstream::ClusterState;
+
+/// Errors carried in bodies.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Who sent a connection: the tenant for per-source limits and for upstream sockets.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Source {
+    /// Stable while the source exists: the pod's network namespace cookie in the node
+    /// proxy; the client address in a standalone proxy.
+    pub key: u64,
+    /// For metrics and logs: `namespace/pod`, or the client IP.
+    pub name: Arc<str>,
+}
+
+impl Source {
+    /// The proxy itself (health checks).
+    pub fn node() -> Self {
+        Self {
+            key: 0,
+            name: Arc::from("node"),
+        }
+    }
+
+    /// A standalone proxy's client, keyed by its IP address.
+    pub fn peer(addr: SocketAddr) -> Self {
+        use std::hash::BuildHasher as _;
+        let ip = addr.ip().to_canonical();
+        let hasher =
+            std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+        Self {
+            // Never 0, which is the node's own key.
+            key: hasher.hash_one(ip) | 1,
+            name: Arc::from(addr.ip().to_canonical().to_string()),
+        }
+    }
+}
+
+/// A boxed connect future.
+pub type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send + 'static>>;
+
+/// Opens upstream TCP connections.
+pub trait Connector: Send + Sync + fmt::Debug + 'static {
+    fn connect(&self, addr: SocketAddr, source: &Source) -> ConnectFuture;
+
+    /// Whether a connection belongs to its source (then pools are kept per source).
+    fn per_source(&self) -> bool {
+        false
+    }
+}
+
+/// Plain `connect()` from the proxy's own network namespace.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DirectConnector;
+
+impl Connector for DirectConnector {
+    fn connect(&self, addr: SocketAddr, _source: &Source) -> ConnectFuture {
+        Box::pin(async move {
+            let stream = TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        })
+    }
+}
+
+/// A connection handed to the engine.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    /// The listener that accepted it.
+    pub listener: Arc<Listener>,
+    pub peer: SocketAddr,
+    /// Where the client meant to go: the original destination of a redirected connection,
+    /// else the local address.
+    pub destination: SocketAddr,
+    pub source: Source,
+}
+
+/// One configuration with the live state built for it.
+#[derive(Debug)]
+pub struct State {
+    pub snapshot: Arc<Snapshot>,
+    pub clusters: HashMap<String, Arc<ClusterState>>,
+}
+
+/// The L7 proxy.
+pub struct Engine {
+    state: ArcSwap<State>,
+    connector: Arc<dyn Connector>,
+    stats: stats::Stats,
+    tenants: tenant::Tenants,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("listeners", &self.state.load().snapshot.listeners.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// An engine serving `snapshot`. Must be called inside a tokio runtime: clusters start
+    /// their health checks and DNS resolution.
+    pub fn new(
+        snapshot: Snapshot,
+        connector: Arc<dyn Connector>,
+        limits: TenantLimits,
+        registry: &mut Registry,
+    ) -> Arc<Self> {
+        let stats = stats::Stats::register(registry);
+        let engine = Arc::new(Self {
+            state: ArcSwap::from_pointee(State {
+                snapshot: Arc::new(Snapshot::default()),
+                clusters: HashMap::new(),
+            }),
+            connector,
+            tenants: tenant::Tenants::new(limits, stats.clone()),
+            stats,
+        });
+        engine.update(snapshot);
+        engine
+    }
+
+    /// Publishes a new configuration. Clusters are rebuilt from it; requests in flight keep
+    /// the state they started with.
+    pub fn update(&self, snapshot: Snapshot) {
+        let clusters: HashMap<String, Arc<ClusterState>> = snapshot
+            .clusters
+            .iter()
+            .map(|(name, config)| {
+                let state = ClusterState::new(config.clone(), self.stats.cluster(name));
+                upstream::health::start(&state, &self.connector);
+                (name.clone(), state)
+            })
+            .collect();
+        self.state.store(Arc::new(State {
+            snapshot: Arc::new(snapshot),
+            clusters,
+        }));
+    }
+
+    /// The configuration requests start with now.
+    pub fn state(&self) -> Arc<State> {
+        self.state.load_full()
+    }
+
+    pub fn stats(&self) -> &stats::Stats {
+        &self.stats
+    }
+
+    /// Drops a source's per-source state and series once nothing of it is in flight (its
+    /// pod was removed).
+    pub fn forget_source(&self, source: &Source) {
+        self.tenants.remove(source);
+    }
+
+    pub(crate) fn connector(&self) -> &Arc<dyn Connector> {
+        &self.connector
+    }
+
+    pub(crate) fn tenants(&self) -> &tenant::Tenants {
+        &self.tenants
+    }
+
+    /// Serves one accepted connection to its end.
+    pub async fn serve(self: Arc<Self>, stream: TcpStream, accepted: Accepted) {
+        let Some(_conn_slot) = self.tenants.connection(&accepted.source) else {
+            warn!(source = %accepted.source.name, "connection refused: per-source connection limit");
+            return;
+        };
+        self.stats.downstream_cx_active.inc();
+        let _active = scopeguard(&self.stats.downstream_cx_active);
+        let state = self.state();
+        let mut listener = accepted.listener.clone();
+        if listener.use_original_dst
+            && let Some(target) = listener::listener_for(&state.snapshot, accepted.destination)
+            && !Arc::ptr_eq(target, &listener)
+        {
+            debug!(from = %listener.name, to = %target.name, "handed over by original destination");
+            listener = target.clone();
+        }
+        let inspectors = detect::Inspectors {
+            http: listener.http_inspector,
+            tls: listener.tls_inspector,
+            timeout: listener.inspection_timeout,
+        };
+        let mut stream = stream;
+        let (detected, mut prefix) = match detect::inspect(&mut stream, inspectors).await {
+            Ok(found) => found,
+            Err(e) => {
+                debug!(peer = %accepted.peer, error = %e, "connection failed during inspection");
+                return;
+            }
+        };
+        let view = listener::ConnectionView {
+            destination: accepted.destination,
+            source: accepted.peer,
+            detected: &detected,
+        };
+        let Some(chain) = listener::select_chain(&listener, &view) else {
+            self.stats.downstream_connection("no_filter_chain");
+            warn!(listener = %listener.name, destination = %accepted.destination, "no filter chain matches; closing (NR)");
+            return;
+        };
+        match &chain.filter {
+            NetworkFilter::Http(hcm) => {
+                let hcm = hcm.clone();
+                let h2 = match (hcm.codec, detected.http) {
+                    (Codec::Http1, _) => false,
+                    (Codec::Http2, _) => true,
+                    (Codec::Auto, Some(version)) => version == detect::HttpVersion::Http2,
+                    // No HTTP inspector ran: look for the h2c preface as Envoy's auto codec does.
+                    (Codec::Auto, None) => {
+                        let http_only = detect::Inspectors {
+                            http: true,
+                            tls: false,
+                            timeout: hcm
+                                .request_headers_timeout
+                                .unwrap_or(hcm::DEFAULT_HEADER_TIMEOUT),
+                        };
+                        match detect::inspect_after(&mut stream, prefix.clone(), http_only).await {
+                            Ok((found, read)) => {
+                                prefix = read;
+                                found.http == Some(detect::HttpVersion::Http2)
+                            }
+                            Err(e) => {
+                                debug!(peer = %accepted.peer, error = %e, "connection failed during inspection");
+                                return;
+                            }
+                        }
+                    }
+                };
+                let io = detect::Rewind::new(prefix, stream);
+                hcm::serve(self.clone(), hcm, io, h2, accepted).await;
+            }
+            NetworkFilter::Tcp(proxy) => {
+                let io = detect::Rewind::new(prefix, stream);
+                self.stats.downstream_connection("tcp");
+                let proxy = proxy.clone();
+                tcp::serve(&self, &state, &proxy, io, &accepted).await;
+            }
+        }
+    }
+}
+
+/// Decrements a gauge when dropped.
+struct GaugeGuard<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+fn scopeguard(g: &prometheus_client::metrics::gauge::Gauge) -> GaugeGuard<'_> {
+    GaugeGuard(g)
+}

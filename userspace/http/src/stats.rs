@@ -1,0 +1,398 @@
+//! The L7 proxy's statistics, exported on the admin port in Prometheus format.
+//!
+//! Named after Envoy's (`upstream_rq_*`, `upstream_cx_*`, `downstream_rq_*`) with a
+//! `nodemesh_` prefix and labels instead of name mangling: `cluster`, `route`
+//! (`<route config>/<virtual host>/<route name or index>`), `class` (`2xx` ... `5xx`),
+//! `flag` (Envoy's response flag), `limit` (the circuit breaker or tenant limit).
+use std::time::Duration;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+/// A circuit breaker (cluster) or tenant (source) limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Limit {
+    Connections,
+    Pending,
+    Requests,
+    Retries,
+}
+
+impl Limit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connections => "connections",
+            Self::Pending => "pending_requests",
+            Self::Requests => "requests",
+            Self::Retries => "retries",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabel {
+    cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterClass {
+    cluster: String,
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLimit {
+    cluster: String,
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteClass {
+    route: String,
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FlagLabel {
+    flag: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLabel {
+    source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TenantLimit {
+    source: String,
+    limit: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 us .. ~26 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+}
+
+/// Every family, registered once per engine.
+#[derive(Debug, Clone)]
+pub struct Stats {
+    upstream_rq: Family<ClusterClass, Counter>,
+    upstream_rq_time: Family<ClusterLabel, Histogram, fn() -> Histogram>,
+    upstream_rq_retry: Family<ClusterLabel, Counter>,
+    upstream_rq_timeout: Family<ClusterLabel, Counter>,
+    upstream_rq_pending: Family<ClusterLabel, Gauge>,
+    upstream_cx: Family<ClusterLabel, Counter>,
+    upstream_cx_connect_fail: Family<ClusterLabel, Counter>,
+    circuit_breaker_trips: Family<ClusterLimit, Counter>,
+    outlier_ejections: Family<ClusterLabel, Counter>,
+    lb_panic: Family<ClusterLabel, Counter>,
+    membership: Family<ClusterLabel, Gauge>,
+    route_rq: Family<RouteClass, Counter>,
+    route_rq_time: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    local_replies: Family<FlagLabel, Counter>,
+    protocol_errors: Family<KindLabel, Counter>,
+    downstream_cx: Family<KindLabel, Counter>,
+    pub(crate) downstream_cx_active: Gauge,
+    tenant_active_rq: Family<TenantLabel, Gauge>,
+    tenant_active_cx: Family<TenantLabel, Gauge>,
+    tenant_shed: Family<TenantLimit, Counter>,
+}
+
+impl Stats {
+    pub fn register(registry: &mut Registry) -> Self {
+        let stats = Self {
+            upstream_rq: Family::default(),
+            upstream_rq_time: Family::new_with_constructor(latency_histogram),
+            upstream_rq_retry: Family::default(),
+            upstream_rq_timeout: Family::default(),
+            upstream_rq_pending: Family::default(),
+            upstream_cx: Family::default(),
+            upstream_cx_connect_fail: Family::default(),
+            circuit_breaker_trips: Family::default(),
+            outlier_ejections: Family::default(),
+            lb_panic: Family::default(),
+            membership: Family::default(),
+            route_rq: Family::default(),
+            route_rq_time: Family::new_with_constructor(latency_histogram),
+            local_replies: Family::default(),
+            protocol_errors: Family::default(),
+            downstream_cx: Family::default(),
+            downstream_cx_active: Gauge::default(),
+            tenant_active_rq: Family::default(),
+            tenant_active_cx: Family::default(),
+            tenant_shed: Family::default(),
+        };
+        let r = registry.sub_registry_with_prefix("nodemesh");
+        let s = stats.clone();
+        r.register(
+            "upstream_rq",
+            "Upstream requests by response class",
+            s.upstream_rq,
+        );
+        r.register_with_unit(
+            "upstream_rq_time",
+            "Upstream request time, request start to response end",
+            prometheus_client::registry::Unit::Seconds,
+            s.upstream_rq_time,
+        );
+        r.register(
+            "upstream_rq_retry",
+            "Retried upstream requests",
+            s.upstream_rq_retry,
+        );
+        r.register(
+            "upstream_rq_timeout",
+            "Upstream requests that timed out",
+            s.upstream_rq_timeout,
+        );
+        r.register(
+            "upstream_rq_pending_active",
+            "Requests waiting for an upstream connection",
+            s.upstream_rq_pending,
+        );
+        r.register("upstream_cx", "Upstream connections opened", s.upstream_cx);
+        r.register(
+            "upstream_cx_connect_fail",
+            "Upstream connection failures",
+            s.upstream_cx_connect_fail,
+        );
+        r.register(
+            "circuit_breaker_trips",
+            "Requests refused by a circuit breaker",
+            s.circuit_breaker_trips,
+        );
+        r.register(
+            "outlier_detection_ejections",
+            "Endpoints ejected by outlier detection",
+            s.outlier_ejections,
+        );
+        r.register(
+            "lb_healthy_panic",
+            "Picks made in panic mode (too few healthy endpoints)",
+            s.lb_panic,
+        );
+        r.register("membership_total", "Endpoints of the cluster", s.membership);
+        r.register(
+            "route_rq",
+            "Requests by route and response class",
+            s.route_rq,
+        );
+        r.register_with_unit(
+            "route_rq_time",
+            "Request time by route, headers received to response end",
+            prometheus_client::registry::Unit::Seconds,
+            s.route_rq_time,
+        );
+        r.register(
+            "downstream_rq_local_reply",
+            "Responses the proxy generated, by response flag",
+            s.local_replies,
+        );
+        r.register(
+            "downstream_protocol_errors",
+            "Malformed or abusive downstream input, by kind",
+            s.protocol_errors,
+        );
+        r.register(
+            "downstream_cx",
+            "Downstream connections by detected protocol",
+            s.downstream_cx,
+        );
+        r.register(
+            "downstream_cx_active",
+            "Open downstream connections",
+            s.downstream_cx_active,
+        );
+        r.register(
+            "tenant_rq_active",
+            "In-flight requests per source",
+            s.tenant_active_rq,
+        );
+        r.register(
+            "tenant_cx_active",
+            "Open connections per source",
+            s.tenant_active_cx,
+        );
+        r.register(
+            "tenant_shed",
+            "Requests or connections refused by a per-source limit",
+            s.tenant_shed,
+        );
+        stats
+    }
+
+    pub(crate) fn cluster(&self, name: &str) -> ClusterStats {
+        let label = ClusterLabel {
+            cluster: name.to_owned(),
+        };
+        let class = |class| {
+            self.upstream_rq
+                .get_or_create(&ClusterClass {
+                    cluster: name.to_owned(),
+                    class,
+                })
+                .clone()
+        };
+        let limit = |limit: Limit| {
+            self.circuit_breaker_trips
+                .get_or_create(&ClusterLimit {
+                    cluster: name.to_owned(),
+                    limit: limit.as_str(),
+                })
+                .clone()
+        };
+        ClusterStats {
+            by_class: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            time: self.upstream_rq_time.get_or_create(&label).clone(),
+            retries: self.upstream_rq_retry.get_or_create(&label).clone(),
+            timeouts: self.upstream_rq_timeout.get_or_create(&label).clone(),
+            pending: self.upstream_rq_pending.get_or_create(&label).clone(),
+            connections_total: self.upstream_cx.get_or_create(&label).clone(),
+            connect_failures: self.upstream_cx_connect_fail.get_or_create(&label).clone(),
+            trips: [
+                limit(Limit::Connections),
+                limit(Limit::Pending),
+                limit(Limit::Requests),
+                limit(Limit::Retries),
+            ],
+            ejections: self.outlier_ejections.get_or_create(&label).clone(),
+            panic: self.lb_panic.get_or_create(&label).clone(),
+            membership: self.membership.get_or_create(&label).clone(),
+        }
+    }
+
+    pub(crate) fn route(&self, route: &str, status: u16, elapsed: Duration) {
+        self.route_rq
+            .get_or_create(&RouteClass {
+                route: route.to_owned(),
+                class: class_of(status),
+            })
+            .inc();
+        self.route_rq_time
+            .get_or_create(&RouteLabel {
+                route: route.to_owned(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub(crate) fn local_reply(&self, flag: &'static str) {
+        self.local_replies.get_or_create(&FlagLabel { flag }).inc();
+    }
+
+    pub(crate) fn protocol_error(&self, kind: &'static str) {
+        self.protocol_errors
+            .get_or_create(&KindLabel { kind })
+            .inc();
+    }
+
+    pub(crate) fn downstream_connection(&self, kind: &'static str) {
+        self.downstream_cx.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    pub(crate) fn tenant_gauges(&self, source: &str) -> (Gauge, Gauge) {
+        let label = TenantLabel {
+            source: source.to_owned(),
+        };
+        (
+            self.tenant_active_rq.get_or_create(&label).clone(),
+            self.tenant_active_cx.get_or_create(&label).clone(),
+        )
+    }
+
+    pub(crate) fn tenant_shed(&self, source: &str, limit: Limit) {
+        self.tenant_shed
+            .get_or_create(&TenantLimit {
+                source: source.to_owned(),
+                limit: limit.as_str(),
+            })
+            .inc();
+    }
+
+    /// Forgets a source's series (the pod is gone).
+    pub(crate) fn remove_tenant(&self, source: &str) {
+        let label = TenantLabel {
+            source: source.to_owned(),
+        };
+        self.tenant_active_rq.remove(&label);
+        self.tenant_active_cx.remove(&label);
+    }
+}
+
+/// `2xx` etc.
+pub fn class_of(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// One cluster's series, resolved once.
+#[derive(Debug, Clone)]
+pub(crate) struct ClusterStats {
+    by_class: [Counter; 5],
+    pub time: Histogram,
+    pub retries: Counter,
+    pub timeouts: Counter,
+    pub pending: Gauge,
+    pub connections_total: Counter,
+    pub connect_failures: Counter,
+    trips: [Counter; 4],
+    pub ejections: Counter,
+    pub panic: Counter,
+    membership: Gauge,
+}
+
+impl ClusterStats {
+    pub fn response(&self, status: u16, elapsed: Duration) {
+        let i = match status {
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            _ => 4,
+        };
+        self.by_class[i].inc();
+        self.time.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn overflow(&self, limit: Limit) {
+        let i = match limit {
+            Limit::Connections => 0,
+            Limit::Pending => 1,
+            Limit::Requests => 2,
+            Limit::Retries => 3,
+        };
+        self.trips[i].inc();
+    }
+
+    pub fn set_hosts(&self, n: usize) {
+        self.membership.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}

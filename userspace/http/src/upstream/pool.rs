@@ -1,0 +1,246 @@
+//! Upstream connections, pooled per (endpoint, protocol, source).
+//!
+//! HTTP/1.1 connections carry one request at a time: an idle one is reused, else a new one
+//! is opened; a connection goes back to the pool once its response has been read to the
+//! end (`SendRequest::ready`). HTTP/2 connections are shared by every request to the same
+//! key, multiplexed. In the node proxy an upstream socket belongs to the pod that sent the
+//! request (it is opened in that pod's network namespace, so the destination sees the
+//! pod's address), hence the source in the key; a standalone proxy has one source.
+//!
+//! Circuit breakers: opening a connection takes a `max_connections` slot for its life, and
+//! waiting for one takes a `max_pending_requests` slot.
+use std::{
+    collections::HashMap,
+    io,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::combinators::BoxBody;
+use hyper::{body::Incoming, client::conn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use nodemesh_config::model::UpstreamProtocol;
+use tracing::debug;
+
+use super::{ClusterState, Host};
+use crate::{BoxError, Connector, Source, stats::Limit};
+
+/// The body type of requests sent upstream.
+pub type ReqBody = BoxBody<Bytes, BoxError>;
+
+/// How long an unused HTTP/1.1 connection stays pooled when the cluster sets no idle
+/// timeout (Envoy's default upstream idle timeout is one hour; nodemesh closes sooner to
+/// keep the number of idle sockets on a dense node down).
+const DEFAULT_IDLE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    addr: SocketAddr,
+    h2: bool,
+    source: u64,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: conn::http1::SendRequest<ReqBody>,
+    since: Instant,
+}
+
+/// A cluster's connections.
+#[derive(Debug, Default)]
+pub(crate) struct Pool {
+    idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    h2: Mutex<HashMap<Key, conn::http2::SendRequest<ReqBody>>>,
+}
+
+/// Why a request got no response from upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// A circuit breaker is open (`UO`).
+    #[error("overflow")]
+    Overflow,
+    #[error("connection timeout")]
+    ConnectTimeout,
+    #[error("connection failure: {0}")]
+    ConnectFailure(io::Error),
+    /// The connection failed or was reset before the response headers (`UC`/`UR`).
+    #[error("connection termination: {0}")]
+    Reset(hyper::Error),
+}
+
+/// The protocol to speak to `cluster` for a request that arrived over HTTP/2 or not.
+pub(crate) fn use_h2(cluster: &ClusterState, downstream_h2: bool) -> bool {
+    match cluster.config.protocol {
+        UpstreamProtocol::Http1 => false,
+        UpstreamProtocol::Http2 => true,
+        UpstreamProtocol::Downstream => downstream_h2,
+    }
+}
+
+impl ClusterState {
+    /// Sends `req` to `host` over a pooled or new connection.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        host: &Host,
+        req: Request<ReqBody>,
+        h2: bool,
+        source: &Source,
+        connector: &Arc<dyn Connector>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let key = Key {
+            addr: host.address,
+            h2,
+            source: if connector.per_source() {
+                source.key
+            } else {
+                0
+            },
+        };
+        if h2 {
+            let mut sender = self.h2_sender(key, source, connector).await?;
+            return sender.send_request(req).await.map_err(UpstreamError::Reset);
+        }
+        let mut sender = match self.take_idle(key) {
+            Some(sender) => sender,
+            None => self.connect_h1(key, source, connector).await?,
+        };
+        let response = sender
+            .send_request(req)
+            .await
+            .map_err(UpstreamError::Reset)?;
+        // Back to the pool once this response is read to its end.
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok()
+                && let Some(cluster) = pool.upgrade()
+            {
+                cluster.put_idle(key, sender);
+            }
+        });
+        Ok(response)
+    }
+
+    fn take_idle(&self, key: Key) -> Option<conn::http1::SendRequest<ReqBody>> {
+        let max_idle = self.config.idle_timeout.unwrap_or(DEFAULT_IDLE);
+        let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(&key)?;
+        while let Some(entry) = list.pop() {
+            if entry.sender.is_ready() && entry.since.elapsed() < max_idle {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, key: Key, sender: conn::http1::SendRequest<ReqBody>) {
+        let max_idle = self.config.idle_timeout.unwrap_or(DEFAULT_IDLE);
+        let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(key).or_default();
+        list.retain(|e| !e.sender.is_closed() && e.since.elapsed() < max_idle);
+        list.push(Idle {
+            sender,
+            since: Instant::now(),
+        });
+    }
+
+    async fn h2_sender(
+        self: &Arc<Self>,
+        key: Key,
+        source: &Source,
+        connector: &Arc<dyn Connector>,
+    ) -> Result<conn::http2::SendRequest<ReqBody>, UpstreamError> {
+        {
+            let shared = self.pool.h2.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(sender) = shared.get(&key).filter(|s| !s.is_closed()) {
+                return Ok(sender.clone());
+            }
+        }
+        let io = self.open(key.addr, source, connector).await?;
+        let mut builder = conn::http2::Builder::new(TokioExecutor::new());
+        let h2 = &self.config.http2;
+        builder
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(h2.initial_stream_window_size)
+            .initial_connection_window_size(h2.initial_connection_window_size);
+        let (sender, connection) = builder
+            .handshake(TokioIo::new(io.stream))
+            .await
+            .map_err(UpstreamError::Reset)?;
+        let slot = io.slot;
+        let addr = key.addr;
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = connection.await {
+                debug!(upstream = %addr, error = %e, "HTTP/2 upstream connection ended");
+            }
+        });
+        self.pool
+            .h2
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, sender.clone());
+        Ok(sender)
+    }
+
+    async fn connect_h1(
+        self: &Arc<Self>,
+        key: Key,
+        source: &Source,
+        connector: &Arc<dyn Connector>,
+    ) -> Result<conn::http1::SendRequest<ReqBody>, UpstreamError> {
+        let io = self.open(key.addr, source, connector).await?;
+        let (sender, connection) = conn::http1::Builder::new()
+            .handshake(TokioIo::new(io.stream))
+            .await
+            .map_err(UpstreamError::Reset)?;
+        let slot = io.slot;
+        let addr = key.addr;
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = connection.with_upgrades().await {
+                debug!(upstream = %addr, error = %e, "HTTP/1 upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Opens a TCP connection under the `max_connections` and `max_pending_requests`
+    /// breakers and the cluster's connect timeout.
+    pub(crate) async fn open(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        source: &Source,
+        connector: &Arc<dyn Connector>,
+    ) -> Result<Opened, UpstreamError> {
+        let _pending = self
+            .try_slot(Limit::Pending)
+            .ok_or(UpstreamError::Overflow)?;
+        let slot = self
+            .try_owned_slot(Limit::Connections)
+            .ok_or(UpstreamError::Overflow)?;
+        self.stats.connections_total.inc();
+        let connect = connector.connect(addr, source);
+        let stream = match tokio::time::timeout(self.config.connect_timeout, connect).await {
+            Err(_) => {
+                self.stats.connect_failures.inc();
+                return Err(UpstreamError::ConnectTimeout);
+            }
+            Ok(Err(e)) => {
+                self.stats.connect_failures.inc();
+                return Err(UpstreamError::ConnectFailure(e));
+            }
+            Ok(Ok(stream)) => stream,
+        };
+        Ok(Opened { stream, slot })
+    }
+}
+
+/// A new upstream connection and its circuit breaker slot.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    pub stream: tokio::net::TcpStream,
+    pub slot: super::OwnedSlot,
+}
