@@ -1649,3 +1649,160 @@ fn envoy_substitution(s: &str) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+static_resources:
+  listeners:
+  - name: out
+    address: { socket_address: { address: 0.0.0.0, port_value: 15001 } }
+    use_original_dst: true
+    filter_chains:
+    - filters:
+      - name: hcm
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: out
+          rds: { route_config_name: r }
+          http_filters:
+          - name: router
+            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
+  clusters:
+  - name: web
+    type: STRICT_DNS
+    lb_policy: LEAST_REQUEST
+    circuit_breakers: { thresholds: [ { max_requests: 10 } ] }
+    outlier_detection: {}
+    load_assignment:
+      cluster_name: web
+      endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: web.local, port_value: 80 } } } } ] } ]
+"#;
+
+    fn errors(yaml: &str) -> Vec<String> {
+        load_bootstrap(yaml).expect("parses").diagnostics.errors
+    }
+
+    #[test]
+    fn a_good_bootstrap_gets_envoys_defaults() {
+        // The RDS name is unknown in a bootstrap without that route configuration.
+        let t = load_bootstrap(GOOD).expect("parses");
+        assert_eq!(t.diagnostics.errors.len(), 1, "{:?}", t.diagnostics.errors);
+        assert!(t.diagnostics.errors[0].contains("unknown route configuration \"r\""));
+        let fixed = GOOD.replace("rds: { route_config_name: r }", "route_config: { name: r, virtual_hosts: [ { name: v, domains: ['*'], routes: [ { match: { prefix: / }, route: { cluster: web, retry_policy: { retry_on: 5xx } } } ] } ] }");
+        let t = load_bootstrap(&fixed).expect("parses");
+        assert!(
+            t.diagnostics.errors.is_empty(),
+            "{:?}",
+            t.diagnostics.errors
+        );
+        let s = t.snapshot.expect("snapshot");
+        let web = &s.clusters["web"];
+        assert_eq!(web.connect_timeout, Duration::from_secs(5));
+        assert_eq!(web.lb, LbPolicy::LeastRequest { choice_count: 2 });
+        assert_eq!(web.limits.max_requests, 10);
+        assert_eq!(web.limits.max_pending_requests, 1024);
+        assert_eq!(
+            web.outlier
+                .as_ref()
+                .map(|o| (o.consecutive_5xx, o.max_ejection_percent)),
+            Some((5, 10))
+        );
+        assert!(
+            matches!(&web.discovery, Discovery::StrictDns { names, .. } if names[0] == ("web.local".into(), 80, 1))
+        );
+        let l = &s.listeners[0];
+        assert!(l.use_original_dst && l.bind);
+        let NetworkFilter::Http(h) = &l.filter_chains[0].filter else {
+            panic!("hcm")
+        };
+        assert_eq!(
+            (h.max_request_headers_kb, h.server_name.as_str()),
+            (60, "envoy")
+        );
+        assert_eq!(h.stream_idle_timeout, Some(Duration::from_secs(300)));
+        let RouteSource::Inline(rc) = &h.routes else {
+            panic!("inline")
+        };
+        let RouteAction::Forward(f) = &rc.virtual_hosts[0].routes[0].action else {
+            panic!("forward")
+        };
+        assert_eq!(f.timeout, Some(Duration::from_secs(15)));
+        let retry = f.retry.as_ref().expect("retry");
+        assert_eq!(
+            (retry.num_retries, retry.backoff_base, retry.backoff_max),
+            (1, Duration::from_millis(25), Duration::from_millis(250))
+        );
+    }
+
+    #[test]
+    fn unsupported_input_is_an_error_naming_where() {
+        let unknown_field = GOOD.replace("lb_policy: LEAST_REQUEST", "lb_policy: LEAST_REQUEST\n    upstream_bind_config: { source_address: { address: 1.2.3.4, port_value: 0 } }");
+        assert!(
+            errors(&unknown_field)
+                .iter()
+                .any(|e| e.contains("clusters[web].upstream_bind_config")),
+            "{:?}",
+            errors(&unknown_field)
+        );
+        let unknown_filter = GOOD.replace(
+            "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+            "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+        );
+        let e = errors(&unknown_filter);
+        assert!(
+            e.iter()
+                .any(|e| e.contains("http_filters[0]") && e.contains("HTTPFault")),
+            "{e:?}"
+        );
+        assert!(e.iter().any(|e| e.contains("router is required")), "{e:?}");
+        let bad_regex = GOOD.replace("rds: { route_config_name: r }", "route_config: { virtual_hosts: [ { name: v, domains: ['*'], routes: [ { match: { safe_regex: { regex: '(' } }, route: { cluster: nope } } ] } ] }");
+        let e = errors(&bad_regex);
+        assert!(
+            e.iter().any(|e| e.contains("routes[0].match.safe_regex")),
+            "{e:?}"
+        );
+        let missing_cluster = GOOD.replace("rds: { route_config_name: r }", "route_config: { virtual_hosts: [ { name: v, domains: ['*'], routes: [ { match: { prefix: / }, route: { cluster: nope } } ] } ] }");
+        assert!(
+            errors(&missing_cluster)
+                .iter()
+                .any(|e| e.contains("unknown cluster \"nope\""))
+        );
+        let duplicate = GOOD.replace(
+            "  clusters:\n",
+            "  clusters:\n  - { name: web, connect_timeout: 1s }\n",
+        );
+        assert!(
+            errors(&duplicate)
+                .iter()
+                .any(|e| e.contains("duplicate cluster name"))
+        );
+        let variable = GOOD.replace("rds: { route_config_name: r }", "route_config: { request_headers_to_add: [ { header: { key: x-a, value: '%DOWNSTREAM_REMOTE_ADDRESS%' } } ], virtual_hosts: [] }");
+        assert!(errors(&variable).iter().any(|e| e.contains("%VARIABLE%")));
+    }
+
+    #[test]
+    fn config_dumps_are_read_section_by_section() {
+        let dump = r#"{"configs": [
+  {"@type": "type.googleapis.com/envoy.admin.v3.ClustersConfigDump",
+   "static_clusters": [{"cluster": {"@type": "type.googleapis.com/envoy.config.cluster.v3.Cluster", "name": "c", "connect_timeout": "2s"}}]},
+  {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
+   "dynamic_listeners": [{"name": "l", "active_state": {"listener": {"@type": "type.googleapis.com/envoy.config.listener.v3.Listener",
+     "name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 9000}},
+     "filter_chains": [{"filters": [{"name": "tcp", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "stat_prefix": "t", "cluster": "c"}}]}]}}}]}
+]}"#;
+        let t = load_config_dump(dump).expect("parses");
+        assert!(
+            t.diagnostics.errors.is_empty(),
+            "{:?}",
+            t.diagnostics.errors
+        );
+        let s = t.snapshot.expect("snapshot");
+        assert_eq!(s.clusters["c"].connect_timeout, Duration::from_secs(2));
+        assert!(
+            matches!(&s.listeners[0].filter_chains[0].filter, NetworkFilter::Tcp(t) if t.target == ClusterTarget::Named("c".into()))
+        );
+    }
+}
