@@ -9,6 +9,8 @@
 //! | `GET /status` | the status document (JSON), see [`crate::status`] |
 //! | `GET /debug/maps` | the kernel maps, decoded (JSON) |
 //! | `POST /sockmap?enabled=true\|false` | switch the fast path at run time |
+//! | `GET /route?listener=L&host=H&path=P&header=k:v` | which route and cluster a request takes (L7) |
+//! | `GET /clusters` | the L7 clusters' endpoints and their health |
 use std::{
     convert::Infallible,
     path::PathBuf,
@@ -48,6 +50,8 @@ pub struct AdminState {
     pub sockmap: Arc<SockmapSwitch>,
     pub registry: Arc<Mutex<Registry<nodemesh_loader::maps::PodMap>>>,
     pub outbound: Arc<Outbound>,
+    /// The L7 proxy, when `proxy.l7` is configured.
+    pub l7: Option<Arc<nodemesh_http::Engine>>,
     pub proxy_listen: std::net::SocketAddr,
 }
 
@@ -195,9 +199,30 @@ async fn handle(
                 ),
             }
         }
-        (_, "/healthz" | "/ready" | "/metrics" | "/status" | "/debug/maps" | "/sockmap") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
-        }
+        (&Method::GET, "/route") => match &state.l7 {
+            Some(engine) => {
+                let query = req.uri().query().unwrap_or_default();
+                let (status, is_json, body) = nodemesh_http::admin::explain_query(engine, query);
+                let mut r = text(status, body);
+                if is_json {
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static("application/json"),
+                    );
+                }
+                r
+            }
+            None => text(StatusCode::NOT_FOUND, "no L7 proxy configured (proxy.l7)\n"),
+        },
+        (&Method::GET, "/clusters") => match &state.l7 {
+            Some(engine) => text(StatusCode::OK, nodemesh_http::admin::clusters(engine)),
+            None => text(StatusCode::NOT_FOUND, "no L7 proxy configured (proxy.l7)\n"),
+        },
+        (
+            _,
+            "/healthz" | "/ready" | "/metrics" | "/status" | "/debug/maps" | "/sockmap" | "/route"
+            | "/clusters",
+        ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };
     Ok(response)

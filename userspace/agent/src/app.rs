@@ -162,7 +162,17 @@ async fn agent(cfg: AgentConfig, data: Handle) -> anyhow::Result<()> {
     let orig_dst = Arc::new(KernelOrigDst::new(
         OrigDstMap::open(&pin_dir).context("opening NM_ORIG_DST")?,
     ));
-    let outbound = Outbound::new(cfg.proxy.clone(), orig_dst, table, proxy_metrics);
+    let l7 = match &cfg.proxy.l7 {
+        Some(l7) => Some(start_l7(&cfg, l7, &table, &data, &mut metrics)?),
+        None => None,
+    };
+    let outbound = Outbound::new(
+        cfg.proxy.clone(),
+        orig_dst,
+        table,
+        proxy_metrics,
+        l7.clone(),
+    );
     let listener = match inherited_listener {
         Some(l) => l,
         None => outbound::bind(&cfg.proxy)
@@ -193,6 +203,7 @@ async fn agent(cfg: AgentConfig, data: Handle) -> anyhow::Result<()> {
         sockmap,
         registry: registry.clone(),
         outbound: outbound.clone(),
+        l7,
         proxy_listen: cfg.proxy.listen,
     });
     let admin_tcp = bind_admin_tcp(&cfg).await?;
@@ -384,4 +395,48 @@ async fn pump_kernel_logs(logs: nodemesh_loader::datapath::KernelLogs) {
             Err(e) => return warn!(error = %e, "kernel log buffer failed"),
         }
     }
+}
+
+/// The L7 proxy of `proxy.l7`: its bootstrap read and checked (a configuration with errors
+/// stops the agent at start, naming them), its engine started on the data-plane runtime,
+/// its statistics in the agent's registry.
+fn start_l7(
+    cfg: &AgentConfig,
+    l7: &nodemesh_proxy::config::L7Config,
+    table: &nodemesh_workloads::SharedPodTable,
+    data: &Handle,
+    metrics: &mut prometheus_client::registry::Registry,
+) -> anyhow::Result<Arc<nodemesh_http::Engine>> {
+    let translated = nodemesh_config::load_file(&l7.bootstrap)
+        .with_context(|| format!("reading proxy.l7.bootstrap {}", l7.bootstrap.display()))?;
+    for w in &translated.diagnostics.warnings {
+        warn!(bootstrap = %l7.bootstrap.display(), "{w}");
+    }
+    if !translated.diagnostics.errors.is_empty() {
+        for e in &translated.diagnostics.errors {
+            error!(bootstrap = %l7.bootstrap.display(), "{e}");
+        }
+        bail!(
+            "proxy.l7.bootstrap {}: {} error(s) (see the log)",
+            l7.bootstrap.display(),
+            translated.diagnostics.errors.len()
+        );
+    }
+    let snapshot = translated
+        .snapshot
+        .context("the bootstrap produced no configuration")?;
+    let defaults = nodemesh_http::TenantLimits::default();
+    let limits = nodemesh_http::TenantLimits {
+        max_connections: u32::try_from(cfg.proxy.max_connections_per_pod).unwrap_or(u32::MAX),
+        max_requests: l7.max_requests_per_pod.unwrap_or(defaults.max_requests),
+        max_pending: l7.max_pending_per_pod.unwrap_or(defaults.max_pending),
+    };
+    let connector = Arc::new(nodemesh_proxy::outbound::PodConnector::new(
+        table.clone(),
+        cfg.proxy.mark,
+    ));
+    let _runtime = data.enter();
+    let engine = nodemesh_http::Engine::new(snapshot, connector, limits, metrics);
+    info!(bootstrap = %l7.bootstrap.display(), listeners = engine.state().snapshot.listeners.len(), "L7 proxy configured");
+    Ok(engine)
 }

@@ -6,12 +6,17 @@
 //! nodemesh pod add|remove|list               the pod registry (what the Kubernetes watcher feeds)
 //! nodemesh namespace label NS k=v ...        set a namespace's labels (switches the mesh per namespace)
 //! nodemesh sockmap on|off                    switch the fast path at run time
+//! nodemesh proxy -c FILE                      the L7 proxy alone on an Envoy bootstrap (like `envoy -c`)
+//! nodemesh config check FILE                  validate a bootstrap or config dump, list what is unsupported
+//! nodemesh config route FILE --listener L --host H --path P [--header k=v]
+//!                                             which route and cluster a request would take
 //! ```
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
 mod admin_client;
+mod cmd_config;
 mod cmd_pod;
 mod cmd_status;
 
@@ -78,6 +83,32 @@ enum Command {
         #[command(subcommand)]
         command: cmd_pod::NamespaceCommand,
     },
+    /// Run the L7 proxy alone on the listeners of an Envoy bootstrap file (no eBPF, no pods).
+    Proxy {
+        /// The bootstrap (YAML or JSON, Envoy v3).
+        #[arg(long, short = 'c')]
+        config: PathBuf,
+        /// Worker threads (default: one per core), like Envoy's `--concurrency`.
+        #[arg(long)]
+        concurrency: Option<usize>,
+        /// Log filter (tracing syntax).
+        #[arg(long, short = 'l', default_value = "info", env = "NODEMESH_LOG")]
+        log_level: String,
+        /// Per-client limit: open connections.
+        #[arg(long, default_value_t = 1024)]
+        max_connections_per_source: u32,
+        /// Per-client limit: requests in flight.
+        #[arg(long, default_value_t = 1024)]
+        max_requests_per_source: u32,
+        /// Per-client limit: requests waiting on an upstream.
+        #[arg(long, default_value_t = 256)]
+        max_pending_per_source: u32,
+    },
+    /// Envoy configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Switch the sockmap fast path at run time (established connections are kept).
     Sockmap {
         #[command(flatten)]
@@ -85,6 +116,18 @@ enum Command {
         #[arg(value_parser = ["on", "off"])]
         state: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a bootstrap or an Envoy `/config_dump`; list what is unsupported or ignored.
+    Check {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain which route and cluster a request would take.
+    Route(cmd_config::RouteArgs),
 }
 
 fn main() -> ExitCode {
@@ -104,6 +147,27 @@ fn main() -> ExitCode {
         Command::Namespace { target, command } => {
             runtime().and_then(|rt| rt.block_on(cmd_pod::namespace(&target.run_dir, command)))
         }
+        Command::Proxy {
+            config,
+            concurrency,
+            log_level,
+            max_connections_per_source,
+            max_requests_per_source,
+            max_pending_per_source,
+        } => nodemesh_telemetry::logging::init(&log_level, false)
+            .map_err(anyhow::Error::msg)
+            .and_then(|()| {
+                let limits = nodemesh_http::TenantLimits {
+                    max_connections: max_connections_per_source,
+                    max_requests: max_requests_per_source,
+                    max_pending: max_pending_per_source,
+                };
+                cmd_config::proxy(&config, concurrency, limits)
+            }),
+        Command::Config { command } => match command {
+            ConfigCommand::Check { file, json } => cmd_config::check(&file, json),
+            ConfigCommand::Route(args) => cmd_config::route(&args),
+        },
         Command::Sockmap { target, state } => runtime().and_then(|rt| {
             rt.block_on(async {
                 let path = format!("/sockmap?enabled={}", state == "on");

@@ -24,6 +24,23 @@ pub struct ProxyConfig {
     pub buffer_size: usize,
     /// Listen backlog.
     pub backlog: u32,
+    /// The L7 proxy: when set, connections whose original destination matches a listener
+    /// of this Envoy bootstrap are served by it (HTTP routing, retries, per-pod request
+    /// limits); the others are relayed at L4 as before.
+    pub l7: Option<L7Config>,
+}
+
+/// The `proxy.l7:` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct L7Config {
+    /// An Envoy v3 bootstrap (YAML or JSON); its `static_resources` are the configuration.
+    pub bootstrap: std::path::PathBuf,
+    /// Per-pod request limits (connections are limited by `max_connections_per_pod`).
+    #[serde(default)]
+    pub max_requests_per_pod: Option<u32>,
+    #[serde(default)]
+    pub max_pending_per_pod: Option<u32>,
 }
 
 impl Default for ProxyConfig {
@@ -36,6 +53,7 @@ impl Default for ProxyConfig {
             max_connections_per_pod: 1024,
             buffer_size: 64 * 1024,
             backlog: 4096,
+            l7: None,
         }
     }
 }

@@ -64,6 +64,8 @@ pub struct ProxyMetrics {
     pub(crate) errors: Family<ErrorLabels, Counter>,
     pub(crate) active: Family<PodLabels, Gauge>,
     pub(crate) accepted: Counter,
+    /// Connections handed to the L7 proxy.
+    pub(crate) l7: Counter,
 }
 
 impl ProxyMetrics {
@@ -73,7 +75,13 @@ impl ProxyMetrics {
             errors: Family::default(),
             active: Family::default(),
             accepted: Counter::default(),
+            l7: Counter::default(),
         };
+        registry.register(
+            "nodemesh_proxy_l7_connections",
+            "Redirected connections served by the L7 proxy (the rest are relayed at L4)",
+            m.l7.clone(),
+        );
         registry.register(
             "nodemesh_proxy_connection_errors",
             "Connections the node proxy refused or that failed, by source workload and reason",

@@ -71,6 +71,8 @@ pub struct Outbound {
     parked: mpsc::UnboundedSender<Connection>,
     parked_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Connection>>>,
     active: AtomicU64,
+    /// The L7 proxy, when configured.
+    l7: Option<Arc<nodemesh_http::Engine>>,
 }
 
 impl std::fmt::Debug for Outbound {
@@ -99,6 +101,7 @@ impl Outbound {
         orig_dst: Arc<dyn OriginalDst>,
         pods: SharedPodTable,
         metrics: ProxyMetrics,
+        l7: Option<Arc<nodemesh_http::Engine>>,
     ) -> Arc<Self> {
         let (parked, parked_rx) = mpsc::unbounded_channel();
         Arc::new(Self {
@@ -111,6 +114,7 @@ impl Outbound {
             parked,
             parked_rx: std::sync::Mutex::new(Some(parked_rx)),
             active: AtomicU64::new(0),
+            l7,
         })
     }
 
@@ -182,6 +186,23 @@ impl Outbound {
                 debug!(pod = %pod.spec.name, limit = self.cfg.max_connections_per_pod, "pod connection limit reached");
                 return reset(client);
             };
+            if let Some(engine) = &self.l7
+                && let Some(listener) =
+                    nodemesh_http::listener::listener_for(&engine.state().snapshot, redirect.dst).cloned()
+            {
+                // L7: the engine opens upstream connections itself, in this pod's namespace
+                // (see `PodConnector`); the permit bounds the pod's connections as for L4.
+                let accepted = nodemesh_http::Accepted {
+                    listener,
+                    peer: client_addr,
+                    destination: redirect.dst,
+                    source: pod_source(&pod, redirect.netns_cookie),
+                };
+                self.metrics.l7.inc();
+                engine.clone().serve(client, accepted).await;
+                drop(permit);
+                return;
+            }
             let upstream = match self.connect_upstream(&pod, redirect).await {
                 Ok(s) => s,
                 Err(reason) => {
@@ -389,6 +410,61 @@ impl Outbound {
     /// The stream of parked connections, for the handoff (taken once).
     pub fn take_parked(&self) -> Option<mpsc::UnboundedReceiver<Connection>> {
         self.parked_rx.lock().ok()?.take()
+    }
+}
+
+/// The L7 proxy's view of a pod: its namespace cookie and `namespace/name`.
+fn pod_source(pod: &PodInfo, netns_cookie: u64) -> nodemesh_http::Source {
+    nodemesh_http::Source {
+        key: netns_cookie,
+        name: Arc::from(format!("{}/{}", pod.namespace(), pod.spec.name)),
+    }
+}
+
+/// Opens the L7 proxy's upstream connections inside the source pod's network namespace,
+/// marked so the connect hooks pass them: the destination sees the pod's own address, and
+/// same-node destinations are reached without a second proxy hop. Sources that are not
+/// pods (health checks) connect from the node.
+#[derive(Debug, Clone)]
+pub struct PodConnector {
+    pods: SharedPodTable,
+    mark: u32,
+}
+
+impl PodConnector {
+    pub fn new(pods: SharedPodTable, mark: u32) -> Self {
+        Self { pods, mark }
+    }
+}
+
+impl nodemesh_http::Connector for PodConnector {
+    fn connect(
+        &self,
+        addr: SocketAddr,
+        source: &nodemesh_http::Source,
+    ) -> nodemesh_http::ConnectFuture {
+        let pod = self.pods.load().by_netns_cookie(source.key).cloned();
+        let socket = match &pod {
+            Some(pod) => pod.netns.tcp_socket(Domain::for_address(addr)),
+            None => socket2::Socket::new(
+                Domain::for_address(addr),
+                socket2::Type::STREAM.nonblocking(),
+                Some(socket2::Protocol::TCP),
+            ),
+        };
+        let mark = self.mark;
+        Box::pin(async move {
+            let socket = socket?;
+            socket.set_mark(mark)?;
+            socket.set_tcp_nodelay(true)?;
+            TcpSocket::from_std_stream(socket.into())
+                .connect(addr)
+                .await
+        })
+    }
+
+    fn per_source(&self) -> bool {
+        true
     }
 }
 
