@@ -6,6 +6,7 @@
 //! - `build [--release]`: setup, then every host binary (kernel programs embedded).
 //! - `test [--unit] [--filter NAME] [--skip-setup]`: everything CI runs (`.ci/run`).
 //! - `demo`, `bench`: setup, release build, then the demo or the benchmarks.
+//! - `fuzz [--seconds N]`: every cargo-fuzz target under `fuzz/` for N seconds each.
 //!
 //! Each step prints `==> step: what`; a failure names the step and says what to do; every
 //! command ends with a summary of the steps and their durations.
@@ -16,6 +17,7 @@ mod bench;
 mod cmd_build;
 mod cmd_test;
 mod demo;
+mod fuzz;
 mod leftovers;
 mod setup;
 mod steps;
@@ -73,6 +75,14 @@ enum Cmd {
         /// Use a debug build instead of a release build.
         #[arg(long)]
         debug: bool,
+        #[arg(long)]
+        skip_setup: bool,
+    },
+    /// Every fuzz target (cargo fuzz, nightly) for a bounded time each.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u32,
         #[arg(long)]
         skip_setup: bool,
     },
@@ -155,6 +165,13 @@ fn run(cmd: Cmd, steps: &mut Steps) -> anyhow::Result<()> {
                 keep,
             };
             steps.run("demo", "a simulated node, end to end", || demo::run(&opts))
+        }
+        Cmd::Fuzz {
+            seconds,
+            skip_setup,
+        } => {
+            setup(steps, skip_setup)?;
+            fuzz::run(&ws, steps, seconds)
         }
         Cmd::Bench {
             quick,
