@@ -184,8 +184,9 @@ fn exchange(a: TcpStream, b: TcpStream, deadline: Duration) -> Result<(), Loader
         let tx = done_tx.clone();
         thread::spawn(move || tx.send(send_pattern(sock).map_err(|e| format!("{name} send: {e}"))));
         let tx = done_tx.clone();
+        let until = Instant::now() + deadline;
         thread::spawn(move || {
-            tx.send(check_pattern(reader).map_err(|e| format!("{name} receive: {e}")))
+            tx.send(check_pattern(reader, until).map_err(|e| format!("{name} receive: {e}")))
         });
     }
     drop(done_tx);
@@ -222,11 +223,26 @@ fn send_pattern(mut sock: TcpStream) -> std::io::Result<()> {
     sock.shutdown(Shutdown::Write)
 }
 
-fn check_pattern(mut sock: TcpStream) -> std::io::Result<()> {
+/// Reads and checks the pattern until end of stream. A blocking `recv` that ends with
+/// `EAGAIN` before `until` is the wakeup-without-data behaviour the second probe reports on
+/// its own; here it is retried, as a non-blocking reader would, so that this check measures
+/// integrity and progress only (the read timeout still ends a real stall).
+fn check_pattern(mut sock: TcpStream, until: Instant) -> std::io::Result<()> {
     let mut buf = vec![0u8; CHUNK];
     let mut seen = 0;
     loop {
-        let n = sock.read(&mut buf)?;
+        let n = match sock.read(&mut buf) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) && Instant::now() < until =>
+            {
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             break;
         }
