@@ -4,5 +4,6 @@
 //! The tests themselves live in `tests/*.rs`; each needs root and fails loudly without it
 //! (unless `NODEMESH_UNPRIVILEGED=1` says the machine has none).
 
+pub mod differential;
 pub mod http;
 pub mod mesh;

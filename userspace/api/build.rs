@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["nodemesh/registry/v1/registry.proto"];
+    let files = [
+        "nodemesh/registry/v1/registry.proto",
+        "nodemesh/echo/v1/echo.proto",
+    ];
     for file in files {
         println!("cargo:rerun-if-changed={}", root.join(file).display());
     }

@@ -13,3 +13,14 @@ pub mod registry {
     )]
     tonic::include_proto!("nodemesh.registry.v1");
 }
+
+/// `nodemesh.echo.v1`: the gRPC echo service of the test and benchmark applications.
+pub mod echo {
+    #![allow(
+        missing_docs,
+        missing_debug_implementations,
+        clippy::all,
+        clippy::pedantic
+    )]
+    tonic::include_proto!("nodemesh.echo.v1");
+}

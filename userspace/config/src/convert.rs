@@ -842,6 +842,29 @@ impl Cx {
                 upgrades.push(u.upgrade_type.to_ascii_lowercase());
             }
         }
+        let mut internal_addresses = Vec::new();
+        if let Some(cfg) = &h.internal_address_config {
+            for (i, c) in cfg.cidr_ranges.iter().enumerate() {
+                match cidr(c) {
+                    Ok(range) => internal_addresses.push(range),
+                    Err(e) => self.diags.error(format!(
+                        "{at}.internal_address_config.cidr_ranges[{i}]: {e}"
+                    )),
+                }
+            }
+        }
+        use hcm::http_connection_manager::ForwardClientCertDetails as Xfcc;
+        let client_cert = match Xfcc::try_from(h.forward_client_cert_details) {
+            Ok(Xfcc::AlwaysForwardOnly) => ClientCertDetails::AlwaysForward,
+            Ok(_) => ClientCertDetails::Sanitize,
+            Err(_) => {
+                self.diags.error(format!(
+                    "{at}.forward_client_cert_details: unknown value {}",
+                    h.forward_client_cert_details
+                ));
+                ClientCertDetails::Sanitize
+            }
+        };
         Some(HttpManager {
             stat_prefix: h.stat_prefix.clone(),
             codec,
@@ -880,6 +903,8 @@ impl Cx {
                 Some(hcm::http_connection_manager::StripPortMode::StripAnyHostPort(true))
             ),
             suppress_envoy_headers: suppress,
+            internal_addresses,
+            client_cert,
         })
     }
 
@@ -1231,7 +1256,7 @@ impl Cx {
             target,
             cluster_not_found_status: status,
             timeout: opt_timeout(a.timeout.as_ref(), Some(Duration::from_secs(15))),
-            idle_timeout: opt_timeout(a.idle_timeout.as_ref(), None),
+            idle_timeout: dur(a.idle_timeout.as_ref()).map(|d| (!d.is_zero()).then_some(d)),
             retry: a
                 .retry_policy
                 .as_ref()

@@ -123,6 +123,22 @@ pub struct HttpManager {
     pub merge_slashes: bool,
     pub strip_any_host_port: bool,
     pub suppress_envoy_headers: bool,
+    /// `internal_address_config.cidr_ranges`: trusted client addresses that make a request
+    /// internal. Empty (Envoy's default since 1.33): no request is internal.
+    pub internal_addresses: Vec<IpRange>,
+    /// `forward_client_cert_details`.
+    pub client_cert: ClientCertDetails,
+}
+
+/// What happens to a request's `x-forwarded-client-cert`. Downstream connections are
+/// plaintext for now, and on plaintext Envoy forwards the header only in
+/// `ALWAYS_FORWARD_ONLY` mode; every other mode removes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCertDetails {
+    /// `SANITIZE` (the default), `FORWARD_ONLY`, `APPEND_FORWARD`, `SANITIZE_SET`.
+    Sanitize,
+    /// `ALWAYS_FORWARD_ONLY`.
+    AlwaysForward,
 }
 
 /// Where an HTTP connection manager gets its routes.
@@ -286,7 +302,9 @@ pub struct Forward {
     pub cluster_not_found_status: u16,
     /// None: no timeout (Envoy's 0); Envoy's default is 15 s.
     pub timeout: Option<Duration>,
-    pub idle_timeout: Option<Duration>,
+    /// `idle_timeout`: None when unset (the connection manager's stream idle timeout
+    /// applies), `Some(None)` when 0 (no idle timeout for this route).
+    pub idle_timeout: Option<Option<Duration>>,
     pub retry: Option<RetryPolicy>,
     pub prefix_rewrite: Option<String>,
     pub regex_rewrite: Option<(StringMatcher, String)>,

@@ -323,6 +323,18 @@ static TABLE: &[(&[&str], Rules)] = &[
         },
     ),
     (
+        &[
+            "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.InternalAddressConfig",
+        ],
+        Fields {
+            supported: &["cidr_ranges"],
+            ignored: &[(
+                "unix_sockets",
+                "nodemesh serves no unix-socket listeners, so no peer is a unix socket",
+            )],
+        },
+    ),
+    (
         &["envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"],
         Fields {
             supported: &[
@@ -350,6 +362,8 @@ static TABLE: &[(&[&str], Rules)] = &[
                 "merge_slashes",
                 "strip_any_host_port",
                 "stream_error_on_invalid_http_message",
+                "internal_address_config",
+                "forward_client_cert_details",
             ],
             ignored: &[
                 ("tracing", NO_EFFECT_ON_TRAFFIC),
@@ -360,10 +374,6 @@ static TABLE: &[(&[&str], Rules)] = &[
                 (
                     "access_log_options",
                     "access logs come with nodemesh's own telemetry",
-                ),
-                (
-                    "forward_client_cert_details",
-                    "no TLS termination, no client certificates to forward",
                 ),
                 ("set_current_client_cert_details", "no TLS termination"),
                 (
@@ -376,10 +386,6 @@ static TABLE: &[(&[&str], Rules)] = &[
                 ),
                 ("drain_timeout", "the agent's own drain applies"),
                 ("add_user_agent", NO_EFFECT_ON_TRAFFIC),
-                (
-                    "internal_address_config",
-                    "all addresses are treated as external for x-envoy-* sanitizing",
-                ),
                 (
                     "local_reply_config",
                     "local replies use nodemesh's default bodies",
@@ -949,7 +955,9 @@ static TABLE: &[(&[&str], Rules)] = &[
     (
         &["envoy.config.core.v3.ConfigSource"],
         Fields {
-            supported: &["path_config_source", "path", "resource_api_version"],
+            // Filesystem subscriptions (`path_config_source`, `path`) are not read: refused
+            // rather than accepted with no endpoints.
+            supported: &["resource_api_version"],
             ignored: &[("initial_fetch_timeout", "files are read at once")],
         },
     ),

@@ -17,6 +17,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::BodyExt as _;
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use nodemesh_config::model::{HttpManager, Redirect, RouteAction, RouteConfig, RouteSource};
@@ -26,10 +27,12 @@ use tracing::{Instrument as _, debug, info_span};
 use crate::{
     Accepted, Engine,
     detect::Rewind,
+    downstream,
     headers::{self, Side},
     local::{self, Flag},
     route::{self, RequestView},
     router::{self, RespBody},
+    sanitize,
 };
 
 /// Envoy has no default request header timeout; nodemesh uses this one.
@@ -46,6 +49,7 @@ pub(crate) struct ConnCtx {
     pub hcm: Arc<HttpManager>,
     pub accepted: Accepted,
     pub downstream_h2: bool,
+    tracker: Arc<downstream::Tracker>,
 }
 
 /// Serves an HTTP connection (`h2`: HTTP/2 with prior knowledge) until the client closes
@@ -60,17 +64,23 @@ pub async fn serve(
     engine
         .stats()
         .downstream_connection(if h2 { "http2" } else { "http1" });
+    let tracker = downstream::Tracker::new();
     let ctx = Arc::new(ConnCtx {
         engine: engine.clone(),
         hcm: hcm.clone(),
         accepted,
         downstream_h2: h2,
+        tracker: tracker.clone(),
     });
     let service = service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(handle(ctx, req).await) }
     });
-    let io = TokioIo::new(io);
+    let io = TokioIo::new(downstream::Watched::new(io, tracker.clone()));
+    let header_timeout = hcm
+        .request_headers_timeout
+        .unwrap_or(DEFAULT_HEADER_TIMEOUT);
+    let timers = tracker.expired(hcm.idle_timeout, header_timeout);
     let result = if h2 {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         let settings = &hcm.http2;
@@ -82,25 +92,62 @@ pub async fn serve(
             .max_header_list_size(hcm.max_request_headers_kb.saturating_mul(1024))
             .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
             .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS);
-        builder.serve_connection(io, service).await
+        let conn = builder.serve_connection(io, service);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            expired = timers => {
+                conn.as_mut().graceful_shutdown();
+                on_expired(&engine, expired);
+                conn.await
+            }
+        }
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
+        // The header timeout is this module's own (it starts at the first byte, where
+        // hyper's starts when it waits for the next request).
         builder
             .timer(TokioTimer::new())
             .keep_alive(true)
-            .header_read_timeout(
-                hcm.request_headers_timeout
-                    .unwrap_or(DEFAULT_HEADER_TIMEOUT),
-            )
             .max_buf_size((hcm.max_request_headers_kb as usize * 1024).max(8192))
             .max_headers(hcm.max_headers_count as usize)
             .pipeline_flush(true);
-        builder.serve_connection(io, service).with_upgrades().await
+        let conn = builder.serve_connection(io, service).with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            expired = timers => match expired {
+                downstream::Expired::Idle => {
+                    conn.as_mut().graceful_shutdown();
+                    on_expired(&engine, expired);
+                    conn.await
+                }
+                // Headers still incomplete: nothing to finish gracefully.
+                downstream::Expired::Headers => {
+                    on_expired(&engine, expired);
+                    return;
+                }
+            }
+        }
     };
     if let Err(e) = result {
         let kind = classify(&e);
         engine.stats().protocol_error(kind);
         debug!(error = %e, kind, "downstream connection ended with an error");
+    }
+}
+
+/// Counts a connection its timers ended.
+fn on_expired(engine: &Engine, expired: downstream::Expired) {
+    match expired {
+        downstream::Expired::Idle => {
+            engine.stats().downstream_connection("idle_timeout");
+            debug!("downstream connection idle: shutting it down");
+        }
+        downstream::Expired::Headers => {
+            engine.stats().protocol_error("header_timeout");
+            debug!("request headers not complete in time: closing the connection");
+        }
     }
 }
 
@@ -123,8 +170,29 @@ fn classify(e: &hyper::Error) -> &'static str {
 
 /// One request, from admission to the response head.
 async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody> {
+    let stream = ctx.tracker.stream_started();
+    let response = handle_stream(&ctx, req).await;
+    let (parts, body) = response.into_parts();
+    Response::from_parts(parts, downstream::Guarded::new(body, stream).boxed())
+}
+
+async fn handle_stream(ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody> {
     let start = Instant::now();
     let grpc = route::is_grpc(req.headers());
+    let (mut parts, body) = req.into_parts();
+    let origin = match sanitize::request(&ctx.hcm, &mut parts, ctx.accepted.peer) {
+        Ok(origin) => origin,
+        Err(sanitize::Refused(why)) => {
+            ctx.engine.stats().protocol_error("invalid_request");
+            let mut response = local::reply(400, Flag::ProtocolError, why, grpc);
+            finish(ctx, &mut response, None, false);
+            return response;
+        }
+    };
+    // x-envoy-force-trace from an internal client: the request id goes back in the response.
+    let force_trace = origin.internal && parts.headers.contains_key("x-envoy-force-trace");
+    parts.extensions.insert(origin);
+    let req = Request::from_parts(parts, body);
     let request_id = req.headers().get("x-request-id").cloned();
     let span = info_span!("request", method = %req.method(), path = %req.uri().path(), source = %ctx.accepted.source.name);
     let (mut response, route_label) = async {
@@ -134,11 +202,11 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody>
                 None,
             );
         };
-        dispatch(&ctx, req, grpc).await
+        dispatch(ctx, req, grpc).await
     }
     .instrument(span)
     .await;
-    finish(&ctx, &mut response, request_id);
+    finish(ctx, &mut response, request_id, force_trace);
     let status = response.status().as_u16();
     if let Some(flag) = response.extensions().get::<Flag>() {
         ctx.engine.stats().local_reply(flag.as_str());
@@ -150,12 +218,17 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody>
 }
 
 /// The connection manager's last word on every response.
-fn finish(ctx: &ConnCtx, response: &mut Response<RespBody>, request_id: Option<HeaderValue>) {
+fn finish(
+    ctx: &ConnCtx,
+    response: &mut Response<RespBody>,
+    request_id: Option<HeaderValue>,
+    force_trace: bool,
+) {
     let h = response.headers_mut();
     if let Ok(server) = HeaderValue::from_str(&ctx.hcm.server_name) {
         h.insert(header::SERVER, server);
     }
-    if ctx.hcm.always_set_request_id_in_response
+    if (ctx.hcm.always_set_request_id_in_response || force_trace)
         && let Some(id) = request_id.or_else(|| h.get("x-request-id").cloned())
     {
         h.insert("x-request-id", id);

@@ -22,15 +22,19 @@
 //! does (the node proxy's opens them in the source pod's network namespace).
 pub mod admin;
 pub mod detect;
+mod downstream;
 pub mod explain;
 pub mod hcm;
 mod headers;
+mod idle;
 pub mod listener;
 mod local;
 pub mod route;
 pub mod router;
+pub mod sanitize;
 pub mod server;
 pub mod stats;
+mod steering;
 pub mod tcp;
 pub mod tenant;
 pub mod upstream;

@@ -36,6 +36,11 @@ pub enum Flag {
     ProtocolError,
     /// Upgrade not allowed (`UPE`? Envoy logs none).
     UpgradeRefused,
+    /// Nothing moved on the stream for the stream or route idle timeout (`SI`).
+    StreamIdleTimeout,
+    /// The request was not received within `request_timeout` (Envoy sets no flag; its
+    /// response details say `request_overall_timeout`).
+    RequestTimeout,
 }
 
 impl Flag {
@@ -54,6 +59,8 @@ impl Flag {
             Self::Redirect => "RD",
             Self::ProtocolError => "DPE",
             Self::UpgradeRefused => "UPGRADE",
+            Self::StreamIdleTimeout => "SI",
+            Self::RequestTimeout => "request_overall_timeout",
         }
     }
 }

@@ -31,8 +31,11 @@ use crate::{
     BoxError, State,
     hcm::ConnCtx,
     headers::{self, Side},
+    idle::{Activity, IdleTimer, Touching},
     local::{self, Flag},
     route::{self, Selected},
+    sanitize::Origin,
+    steering::{self, Steering},
     upstream::{
         ClusterState, Host, Outcome, lb,
         pool::{ReqBody, UpstreamError, use_h2},
@@ -58,7 +61,24 @@ pub(crate) struct Target<'a> {
 enum Failure {
     Upstream(UpstreamError),
     NoHost,
+    /// The per-try timeout, the per-try idle timeout or the route timeout (`UT`).
     PerTryTimeout,
+    /// Nothing moved on the stream for the stream (or route) idle timeout (`SI`).
+    StreamIdle,
+    /// The request was not received completely within `request_timeout`.
+    RequestTimeout,
+}
+
+/// The timers that bound one request's attempts.
+struct Timers {
+    /// The route timeout (or gRPC deadline), from the request's start.
+    deadline: Option<Instant>,
+    per_try: Option<Duration>,
+    per_try_idle: Option<Duration>,
+    stream_idle: Option<Duration>,
+    /// `request_timeout`: the request must be received completely by then.
+    request_deadline: Option<Instant>,
+    activity: Activity,
 }
 
 /// Forwards the request and returns the downstream response.
@@ -90,7 +110,15 @@ pub(crate) async fn forward(
         return local::reply(503, Flag::Overloaded, "overloaded", grpc);
     };
     let vh = target.selected.virtual_host;
-    let retry = fwd.retry.as_ref().or(vh.retry.as_ref());
+    let mut req = req;
+    // An internal client may steer timeouts and retries with x-envoy-* headers (external
+    // requests had them removed by the connection manager).
+    let steering = match req.extensions().get::<Origin>() {
+        Some(origin) if origin.internal => steering::take(req.headers_mut()),
+        _ => Steering::default(),
+    };
+    let retry_policy = steering.retry_policy(fwd.retry.as_ref().or(vh.retry.as_ref()));
+    let retry = retry_policy.as_ref();
     let levels: Vec<&nodemesh_config::model::HeaderMutations> = weighted
         .map(|w| &w.headers)
         .into_iter()
@@ -115,6 +143,9 @@ pub(crate) async fn forward(
             deadline.min(max)
         };
         timeout = Some(capped.saturating_sub(fwd.grpc_timeout_offset.unwrap_or_default()));
+    }
+    if let Some(t) = steering.timeout {
+        timeout = t;
     }
     let deadline = timeout.map(|t| start + t);
     let per_try = retry.and_then(|r| r.per_try_timeout);
@@ -167,14 +198,28 @@ pub(crate) async fn forward(
     {
         copy.lock().unwrap_or_else(|p| p.into_inner()).complete = true;
     }
-    let mut first_body = Some(match &copy {
+    let activity = Activity::new();
+    if body.is_end_stream() {
+        activity.set_request_complete();
+    }
+    let first = match &copy {
         Some(copy) => Tee {
             inner: body,
             copy: copy.clone(),
         }
         .boxed(),
         None => body.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
-    });
+    };
+    let mut first_body = Some(Touching::new(first, activity.clone()).boxed());
+    let timers = Timers {
+        deadline,
+        per_try,
+        per_try_idle: retry.and_then(|r| r.per_try_idle_timeout),
+        // The route's idle timeout replaces the connection manager's stream idle timeout.
+        stream_idle: fwd.idle_timeout.unwrap_or(ctx.hcm.stream_idle_timeout),
+        request_deadline: ctx.hcm.request_timeout.map(|t| start + t),
+        activity: activity.clone(),
+    };
 
     let h2 = use_h2(&cluster, ctx.downstream_h2) && upgrade.is_none();
     let mut attempt: u32 = 0;
@@ -197,7 +242,7 @@ pub(crate) async fn forward(
         }
         set_uri(&mut req, h2);
         let auto_host = fwd.host_rewrite == HostRewrite::Auto;
-        let outcome = attempt_once(ctx, &cluster, req, h2, per_try, deadline, auto_host).await;
+        let outcome = attempt_once(ctx, &cluster, req, h2, &timers, auto_host).await;
         let retry_on = retry.map_or(RetryOn::empty(), |r| r.retry_on);
         let can_retry = attempt <= retries_allowed
             && deadline.is_none_or(|d| Instant::now() < d)
@@ -262,9 +307,14 @@ pub(crate) async fn forward(
                     .insert("x-envoy-attempt-count", HeaderValue::from(attempt));
             }
             headers::apply(&mut parts.headers, &levels, Side::Response);
+            let idle = match (timers.stream_idle, timers.per_try_idle) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let body = Deadline {
                 inner: body,
                 sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into()))),
+                idle: idle.map(IdleTimer::new),
                 cluster: cluster.clone(),
             };
             Response::from_parts(parts, body.boxed())
@@ -283,6 +333,10 @@ pub(crate) async fn forward(
                         Flag::UpstreamTimeout,
                         "upstream request timeout".to_owned(),
                     )
+                }
+                Failure::StreamIdle => (504, Flag::StreamIdleTimeout, "stream timeout".to_owned()),
+                Failure::RequestTimeout => {
+                    (408, Flag::RequestTimeout, "request timeout".to_owned())
                 }
                 Failure::Upstream(UpstreamError::Overflow) => {
                     (503, Flag::UpstreamOverflow, local::reset_text("overflow"))
@@ -311,6 +365,15 @@ pub(crate) async fn forward(
                 }
             };
             let mut response = local::reply(status, flag, &text, grpc);
+            if target
+                .selected
+                .virtual_host
+                .include_attempt_count_in_response
+            {
+                response
+                    .headers_mut()
+                    .insert("x-envoy-attempt-count", HeaderValue::from(attempt));
+            }
             headers::apply(response.headers_mut(), &levels, Side::Response);
             response
         }
@@ -323,10 +386,10 @@ async fn attempt_once(
     cluster: &Arc<ClusterState>,
     req: Request<ReqBody>,
     h2: bool,
-    per_try: Option<Duration>,
-    deadline: Option<Instant>,
+    timers: &Timers,
     auto_host: bool,
 ) -> Result<(Response<Incoming>, Arc<Host>), Failure> {
+    let (per_try, deadline) = (timers.per_try, timers.deadline);
     let host = match &cluster.config.discovery {
         nodemesh_config::model::Discovery::OriginalDst {
             use_http_header,
@@ -364,19 +427,52 @@ async fn attempt_once(
         set_host(&mut req, &host.hostname, h2);
     }
     let send = cluster.send(&host, req, h2, &ctx.accepted.source, ctx.engine.connector());
-    let result = match limit {
-        Some(limit) => match tokio::time::timeout_at(limit.into(), send).await {
-            Ok(r) => r.map_err(Failure::Upstream),
-            Err(_) => Err(Failure::PerTryTimeout),
-        },
-        None => send.await.map_err(Failure::Upstream),
-    };
+    let result = wait_response(send, limit, timers).await;
     host.active_requests.fetch_sub(1, Ordering::Relaxed);
     match &result {
         Err(Failure::Upstream(UpstreamError::Overflow)) | Err(Failure::NoHost) | Ok(_) => {}
         Err(_) => cluster.record(&host, Outcome::GatewayError),
     }
     result.map(|r| (r, host))
+}
+
+/// Waits for the response headers of one attempt under every timer that applies.
+async fn wait_response(
+    send: impl Future<Output = Result<Response<Incoming>, UpstreamError>>,
+    limit: Option<Instant>,
+    timers: &Timers,
+) -> Result<Response<Incoming>, Failure> {
+    // The per-try idle timer counts only what moved since this attempt started.
+    let per_try_idle = timers
+        .activity
+        .expired_since(tokio::time::Instant::now(), timers.per_try_idle);
+    let request_timeout = async {
+        match timers.request_deadline {
+            Some(at) => {
+                tokio::time::sleep_until(at.into()).await;
+                if timers.activity.request_complete() {
+                    // Disarmed: the request was received in time.
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let limit = async {
+        match limit {
+            Some(at) => tokio::time::sleep_until(at.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = send => r.map_err(Failure::Upstream),
+        () = limit => Err(Failure::PerTryTimeout),
+        () = per_try_idle => Err(Failure::PerTryTimeout),
+        () = timers.activity.expired_since(timers.activity.epoch(), timers.stream_idle) => {
+            Err(Failure::StreamIdle)
+        }
+        () = request_timeout => Err(Failure::RequestTimeout),
+    }
 }
 
 /// Counts a request waiting on upstream in the cluster's pending gauge.
@@ -412,22 +508,6 @@ fn prepare_request(
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     let h = &mut parts.headers;
-    if !h.contains_key("x-forwarded-proto") {
-        h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    }
-    if hcm.generate_request_id && !h.contains_key("x-request-id") {
-        h.insert("x-request-id", headers::request_id());
-    }
-    if hcm.use_remote_address && !hcm.skip_xff_append {
-        let peer = ctx.accepted.peer.ip().to_canonical().to_string();
-        let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(existing) => format!("{existing},{peer}"),
-            None => peer,
-        };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            h.insert("x-forwarded-for", v);
-        }
-    }
     if let Some(via) = &hcm.via
         && let Ok(v) = HeaderValue::from_str(via)
     {
@@ -595,7 +675,7 @@ fn retriable_response(
 fn retriable_failure(on: RetryOn, failure: &Failure) -> bool {
     let any_5xx = on.intersects(RetryOn::FIVE_XX | RetryOn::GATEWAY_ERROR);
     match failure {
-        Failure::NoHost => false,
+        Failure::NoHost | Failure::StreamIdle | Failure::RequestTimeout => false,
         Failure::PerTryTimeout => any_5xx,
         Failure::Upstream(UpstreamError::Overflow) => false,
         Failure::Upstream(UpstreamError::ConnectTimeout | UpstreamError::ConnectFailure(_)) => {
@@ -731,6 +811,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Incoming,
         sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+        idle: Option<IdleTimer>,
         cluster: Arc<ClusterState>,
     }
 }
@@ -753,8 +834,22 @@ impl Body for Deadline {
             )));
         }
         match this.inner.poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(f) => Poll::Ready(f.map(|f| f.map_err(|e| -> BoxError { Box::new(e) }))),
+            Poll::Pending => {
+                if let Some(idle) = this.idle
+                    && idle.poll_expired(cx)
+                {
+                    return Poll::Ready(Some(Err(
+                        "stream idle timeout during the response body".into()
+                    )));
+                }
+                Poll::Pending
+            }
+            Poll::Ready(f) => {
+                if let Some(idle) = this.idle {
+                    idle.reset();
+                }
+                Poll::Ready(f.map(|f| f.map_err(|e| -> BoxError { Box::new(e) })))
+            }
         }
     }
 

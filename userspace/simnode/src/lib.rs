@@ -17,6 +17,7 @@
 //! traffic anywhere but its own namespaces.
 
 mod cmd;
+pub mod echo;
 mod error;
 mod node;
 mod process;

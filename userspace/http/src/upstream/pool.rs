@@ -47,13 +47,22 @@ struct Key {
 struct Idle {
     sender: conn::http1::SendRequest<ReqBody>,
     since: Instant,
+    /// Requests this connection has carried (`max_requests_per_connection`).
+    served: u32,
+}
+
+/// A shared HTTP/2 connection and the streams opened on it so far.
+#[derive(Debug, Clone)]
+struct H2Conn {
+    sender: conn::http2::SendRequest<ReqBody>,
+    streams: u32,
 }
 
 /// A cluster's connections.
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
     idle: Mutex<HashMap<Key, Vec<Idle>>>,
-    h2: Mutex<HashMap<Key, conn::http2::SendRequest<ReqBody>>>,
+    h2: Mutex<HashMap<Key, H2Conn>>,
 }
 
 /// Why a request got no response from upstream.
@@ -103,39 +112,47 @@ impl ClusterState {
             let mut sender = self.h2_sender(key, source, connector).await?;
             return sender.send_request(req).await.map_err(UpstreamError::Reset);
         }
-        let mut sender = match self.take_idle(key) {
-            Some(sender) => sender,
-            None => self.connect_h1(key, source, connector).await?,
+        let (mut sender, served) = match self.take_idle(key) {
+            Some(reused) => reused,
+            None => (self.connect_h1(key, source, connector).await?, 0),
         };
         let response = sender
             .send_request(req)
             .await
             .map_err(UpstreamError::Reset)?;
-        // Back to the pool once this response is read to its end.
-        let pool = Arc::downgrade(self);
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok()
-                && let Some(cluster) = pool.upgrade()
-            {
-                cluster.put_idle(key, sender);
-            }
-        });
+        let served = served + 1;
+        // Back to the pool once this response is read to its end, unless the connection has
+        // carried `max_requests_per_connection` (then dropping the sender closes it).
+        if self
+            .config
+            .max_requests_per_connection
+            .is_none_or(|max| max == 0 || served < max)
+        {
+            let pool = Arc::downgrade(self);
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok()
+                    && let Some(cluster) = pool.upgrade()
+                {
+                    cluster.put_idle(key, sender, served);
+                }
+            });
+        }
         Ok(response)
     }
 
-    fn take_idle(&self, key: Key) -> Option<conn::http1::SendRequest<ReqBody>> {
+    fn take_idle(&self, key: Key) -> Option<(conn::http1::SendRequest<ReqBody>, u32)> {
         let max_idle = self.config.idle_timeout.unwrap_or(DEFAULT_IDLE);
         let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(&key)?;
         while let Some(entry) = list.pop() {
             if entry.sender.is_ready() && entry.since.elapsed() < max_idle {
-                return Some(entry.sender);
+                return Some((entry.sender, entry.served));
             }
         }
         None
     }
 
-    fn put_idle(&self, key: Key, sender: conn::http1::SendRequest<ReqBody>) {
+    fn put_idle(&self, key: Key, sender: conn::http1::SendRequest<ReqBody>, served: u32) {
         let max_idle = self.config.idle_timeout.unwrap_or(DEFAULT_IDLE);
         let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(key).or_default();
@@ -143,6 +160,7 @@ impl ClusterState {
         list.push(Idle {
             sender,
             since: Instant::now(),
+            served,
         });
     }
 
@@ -152,10 +170,18 @@ impl ClusterState {
         source: &Source,
         connector: &Arc<dyn Connector>,
     ) -> Result<conn::http2::SendRequest<ReqBody>, UpstreamError> {
+        let max = self.config.max_requests_per_connection.filter(|m| *m > 0);
         {
-            let shared = self.pool.h2.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(sender) = shared.get(&key).filter(|s| !s.is_closed()) {
-                return Ok(sender.clone());
+            let mut shared = self.pool.h2.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(conn) = shared.get_mut(&key).filter(|c| !c.sender.is_closed()) {
+                conn.streams += 1;
+                let sender = conn.sender.clone();
+                // A connection that reached its stream budget takes no new streams; those
+                // open on it finish, then it closes with its last sender.
+                if max.is_some_and(|m| conn.streams >= m) {
+                    shared.remove(&key);
+                }
+                return Ok(sender);
             }
         }
         let io = self.open(key.addr, source, connector).await?;
@@ -177,11 +203,19 @@ impl ClusterState {
                 debug!(upstream = %addr, error = %e, "HTTP/2 upstream connection ended");
             }
         });
-        self.pool
-            .h2
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, sender.clone());
+        if max.is_none_or(|m| m > 1) {
+            self.pool
+                .h2
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(
+                    key,
+                    H2Conn {
+                        sender: sender.clone(),
+                        streams: 1,
+                    },
+                );
+        }
         Ok(sender)
     }
 
