@@ -6,7 +6,8 @@
 //! ```yaml
 //! description: what the case shows
 //! upstreams: [a, b]              # echo servers (nodemesh_simnode::echo), HTTP/1.1 + h2c
-//! bootstrap: |                   # an Envoy bootstrap; {listen} and {upstream.a} are ports
+//! bootstrap: |                   # an Envoy bootstrap; {listen} and {upstream.a} are ports,
+//!   static_resources: ...        # {closed} one that refuses connections
 //!   static_resources: ...
 //! compare:                       # besides status, upstream, method and path (always compared)
 //!   request_headers: [x-a, x-b?, x-c=]  # as the upstream saw them; `?`: presence only,
@@ -23,6 +24,8 @@
 //!   body: ""
 //!   expect_status: 200           # optional: both must also answer this
 //!   listener: admin              # optional: send to `{listen.admin}` instead of `{listen}`
+//!   grpc: { status: 14, delay_ms: 0, deadline_ms: 500 }   # optional: a gRPC unary call
+//!   upgrade_bytes: 65536         # optional: a WebSocket upgrade echoing this many bytes
 //! ```
 //!
 //! Each proxy gets its own fresh upstreams (so request counters such as
@@ -83,6 +86,23 @@ pub struct CaseRequest {
     /// Which `{listen.NAME}` listener to send to (default: `{listen}`).
     #[serde(default)]
     pub listener: Option<String>,
+    /// A gRPC unary call (`nodemesh.echo.v1.Echo/Unary`) instead of an HTTP request.
+    pub grpc: Option<GrpcCall>,
+    /// An `Upgrade: websocket` request; after a 101, this many bytes are echoed through.
+    pub upgrade_bytes: Option<usize>,
+}
+
+/// What a gRPC call asks the echo server for.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcCall {
+    /// Answer with this gRPC status.
+    #[serde(default)]
+    pub status: u32,
+    #[serde(default)]
+    pub delay_ms: u32,
+    /// The call's deadline (grpc-timeout).
+    pub deadline_ms: Option<u64>,
 }
 
 fn get() -> String {
@@ -153,6 +173,14 @@ impl Case {
         upstreams: &[nodemesh_simnode::echo::Running],
     ) -> String {
         let mut text = self.bootstrap.clone();
+        if text.contains("{closed}") {
+            // A port nothing listens on: connections to it are refused.
+            let closed = free_ports(1)
+                .ok()
+                .and_then(|p| p.first().copied())
+                .unwrap_or(1);
+            text = text.replace("{closed}", &closed.to_string());
+        }
         for (name, port) in listeners {
             let placeholder = if name.is_empty() {
                 "{listen}".to_owned()
@@ -342,6 +370,12 @@ async fn send(
     req: &CaseRequest,
     compare: &Compare,
 ) -> anyhow::Result<Observation> {
+    if let Some(call) = &req.grpc {
+        return grpc(addr, req, call).await;
+    }
+    if let Some(bytes) = req.upgrade_bytes {
+        return upgrade(addr, req, bytes).await;
+    }
     let stream = tokio::net::TcpStream::connect(addr).await?;
     let io = TokioIo::new(stream);
     let mut b = http::Request::builder().method(req.method.as_str());
@@ -366,7 +400,11 @@ async fn send(
         sender.send_request(request).await?
     };
     let (parts, body) = resp.into_parts();
-    let body = body.collect().await?.to_bytes();
+    // A body that fails (an upstream reset mid-response) is an observation, not an error.
+    let (body, body_error) = match body.collect().await {
+        Ok(b) => (b.to_bytes(), false),
+        Err(_) => (Bytes::new(), true),
+    };
     let doc: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     let from_upstream = doc.get("upstream").and_then(|u| u.as_str()).is_some();
     let text = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).map(str::to_owned);
@@ -404,6 +442,12 @@ async fn send(
     });
     let mut obs = BTreeMap::new();
     obs.insert("status".to_owned(), Some(parts.status.as_u16().to_string()));
+    if body_error {
+        obs.insert(
+            "body error".to_owned(),
+            Some("the response body failed".to_owned()),
+        );
+    }
     for key in ["upstream", "method", "path"] {
         obs.insert(key.to_owned(), text(doc.get(key)));
     }
@@ -417,6 +461,114 @@ async fn send(
         obs.insert(
             "body".to_owned(),
             Some(String::from_utf8_lossy(&body).into_owned()),
+        );
+    }
+    Ok(Observation(obs))
+}
+
+/// One gRPC unary call through the proxy: the status code and message, and which server
+/// answered.
+async fn grpc(addr: SocketAddr, req: &CaseRequest, call: &GrpcCall) -> anyhow::Result<Observation> {
+    use nodemesh_api::echo::{EchoRequest, echo_client::EchoClient};
+    let uri = format!("http://{}", req.authority);
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let mut once = Some(stream);
+    let channel = tonic::transport::Endpoint::from_shared(uri)?
+        .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+            let stream = once.take();
+            async move {
+                stream
+                    .map(TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("one connection per call"))
+            }
+        }))
+        .await?;
+    let mut client = EchoClient::new(channel);
+    let mut request = tonic::Request::new(EchoRequest {
+        payload: b"ping".to_vec(),
+        status: call.status,
+        delay_ms: call.delay_ms,
+        reply_bytes: 0,
+    });
+    if let Some(ms) = call.deadline_ms {
+        request.set_timeout(Duration::from_millis(ms));
+    }
+    for (k, v) in &req.headers {
+        if let (Ok(k), Ok(v)) = (
+            k.parse::<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>(),
+            v.parse(),
+        ) {
+            request.metadata_mut().insert(k, v);
+        }
+    }
+    let mut obs = BTreeMap::new();
+    match client.unary(request).await {
+        Ok(resp) => {
+            let reply = resp.into_inner();
+            obs.insert("grpc-status".to_owned(), Some("0".to_owned()));
+            obs.insert("upstream".to_owned(), Some(reply.server));
+            obs.insert(
+                "payload".to_owned(),
+                Some(String::from_utf8_lossy(&reply.payload).into_owned()),
+            );
+            obs.insert(
+                "upstream grpc-timeout?".to_owned(),
+                (!reply.grpc_timeout.is_empty()).then(|| "<present>".to_owned()),
+            );
+        }
+        Err(status) => {
+            obs.insert(
+                "grpc-status".to_owned(),
+                Some((status.code() as i32).to_string()),
+            );
+            obs.insert("grpc-message".to_owned(), Some(status.message().to_owned()));
+        }
+    }
+    Ok(Observation(obs))
+}
+
+/// An upgrade request; after `101`, `bytes` bytes written and read back intact or not.
+async fn upgrade(addr: SocketAddr, req: &CaseRequest, bytes: usize) -> anyhow::Result<Observation> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn.with_upgrades());
+    let mut b = http::Request::get(req.path.as_str())
+        .header(http::header::HOST, req.authority.as_str())
+        .header(http::header::CONNECTION, "upgrade")
+        .header(http::header::UPGRADE, "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+    for (k, v) in &req.headers {
+        b = b.header(k.as_str(), v.as_str());
+    }
+    let resp = sender
+        .send_request(b.body(Full::new(Bytes::new()))?)
+        .await?;
+    let mut obs = BTreeMap::new();
+    obs.insert(
+        "status".to_owned(),
+        Some(resp.status().as_u16().to_string()),
+    );
+    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        let io = TokioIo::new(hyper::upgrade::on(resp).await?);
+        let (mut rd, mut wr) = tokio::io::split(io);
+        let pattern: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+        let sent = pattern.clone();
+        // WebSocket peers do not half-close: write everything, read it back, then close.
+        let write = async move { wr.write_all(&sent).await };
+        let read = async move {
+            let mut got = vec![0u8; bytes];
+            rd.read_exact(&mut got).await.map(|_| got)
+        };
+        let ((), got) = tokio::try_join!(write, read)?;
+        obs.insert(
+            "echoed".to_owned(),
+            Some(if got == pattern {
+                format!("{} bytes intact", got.len())
+            } else {
+                format!("{} bytes, not what was sent", got.len())
+            }),
         );
     }
     Ok(Observation(obs))

@@ -1265,6 +1265,7 @@ impl Cx {
             regex_rewrite,
             host_rewrite,
             grpc_timeout_max: grpc_max,
+            grpc_timeout_is_stream_duration: a.max_stream_duration.is_some(),
             grpc_timeout_offset: grpc_offset,
             upgrades,
         })

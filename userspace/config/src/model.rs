@@ -311,6 +311,10 @@ pub struct Forward {
     pub host_rewrite: HostRewrite,
     /// Honour `grpc-timeout`, capped at this (Some(0) = uncapped).
     pub grpc_timeout_max: Option<Duration>,
+    /// Whether the gRPC deadline comes from `max_stream_duration` (it then bounds the whole
+    /// stream besides the route timeout, and expires as `DT`, DEADLINE_EXCEEDED) or from the
+    /// legacy `max_grpc_timeout` (it replaces the route timeout).
+    pub grpc_timeout_is_stream_duration: bool,
     pub grpc_timeout_offset: Option<Duration>,
     pub upgrades: Vec<String>,
 }

@@ -38,6 +38,9 @@ pub enum Flag {
     UpgradeRefused,
     /// Nothing moved on the stream for the stream or route idle timeout (`SI`).
     StreamIdleTimeout,
+    /// The stream outlived its maximum duration: the gRPC deadline under
+    /// `max_stream_duration` (`DT`; gRPC clients get DEADLINE_EXCEEDED).
+    StreamDurationTimeout,
     /// The request was not received within `request_timeout` (Envoy sets no flag; its
     /// response details say `request_overall_timeout`).
     RequestTimeout,
@@ -60,6 +63,7 @@ impl Flag {
             Self::ProtocolError => "DPE",
             Self::UpgradeRefused => "UPGRADE",
             Self::StreamIdleTimeout => "SI",
+            Self::StreamDurationTimeout => "DT",
             Self::RequestTimeout => "request_overall_timeout",
         }
     }
@@ -94,7 +98,11 @@ pub fn reply(status: u16, flag: Flag, text: &str, grpc: bool) -> Response<RespBo
         );
         h.insert(
             "grpc-status",
-            HeaderValue::from(u16::from(grpc_status_of(status))),
+            HeaderValue::from(u16::from(if flag == Flag::StreamDurationTimeout {
+                4 // DEADLINE_EXCEEDED
+            } else {
+                grpc_status_of(status)
+            })),
         );
         if let Ok(v) = HeaderValue::from_str(&percent_encode(text)) {
             h.insert("grpc-message", v);

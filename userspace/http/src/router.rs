@@ -67,6 +67,8 @@ enum Failure {
     StreamIdle,
     /// The request was not received completely within `request_timeout`.
     RequestTimeout,
+    /// The stream outlived its maximum duration (the gRPC deadline, `DT`).
+    StreamDuration,
 }
 
 /// The timers that bound one request's attempts.
@@ -78,6 +80,8 @@ struct Timers {
     stream_idle: Option<Duration>,
     /// `request_timeout`: the request must be received completely by then.
     request_deadline: Option<Instant>,
+    /// The gRPC deadline as the stream's maximum duration.
+    stream_deadline: Option<Instant>,
     activity: Activity,
 }
 
@@ -129,8 +133,10 @@ pub(crate) async fn forward(
         ])
         .collect();
 
-    // The route timeout, or the client's gRPC deadline where the route honours it.
+    // The route timeout, and the client's gRPC deadline where the route honours it: as the
+    // stream's maximum duration (max_stream_duration), or instead of the route timeout.
     let mut timeout = fwd.timeout;
+    let mut stream_deadline = None;
     if let Some(max) = fwd.grpc_timeout_max
         && let Some(deadline) = req
             .headers()
@@ -142,7 +148,12 @@ pub(crate) async fn forward(
         } else {
             deadline.min(max)
         };
-        timeout = Some(capped.saturating_sub(fwd.grpc_timeout_offset.unwrap_or_default()));
+        let grpc = capped.saturating_sub(fwd.grpc_timeout_offset.unwrap_or_default());
+        if fwd.grpc_timeout_is_stream_duration {
+            stream_deadline = Some(start + grpc);
+        } else {
+            timeout = Some(grpc);
+        }
     }
     if let Some(t) = steering.timeout {
         timeout = t;
@@ -218,6 +229,7 @@ pub(crate) async fn forward(
         // The route's idle timeout replaces the connection manager's stream idle timeout.
         stream_idle: fwd.idle_timeout.unwrap_or(ctx.hcm.stream_idle_timeout),
         request_deadline: ctx.hcm.request_timeout.map(|t| start + t),
+        stream_deadline,
         activity: activity.clone(),
     };
 
@@ -313,7 +325,11 @@ pub(crate) async fn forward(
             };
             let body = Deadline {
                 inner: body,
-                sleep: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into()))),
+                sleep: match (deadline, timers.stream_deadline) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+                .map(|d| Box::pin(tokio::time::sleep_until(d.into()))),
                 idle: idle.map(IdleTimer::new),
                 cluster: cluster.clone(),
             };
@@ -338,15 +354,29 @@ pub(crate) async fn forward(
                 Failure::RequestTimeout => {
                     (408, Flag::RequestTimeout, "request timeout".to_owned())
                 }
+                Failure::StreamDuration => (
+                    504,
+                    Flag::StreamDurationTimeout,
+                    "downstream duration timeout".to_owned(),
+                ),
                 Failure::Upstream(UpstreamError::Overflow) => {
                     (503, Flag::UpstreamOverflow, local::reset_text("overflow"))
                 }
-                Failure::Upstream(
-                    UpstreamError::ConnectTimeout | UpstreamError::ConnectFailure(_),
-                ) => (
+                Failure::Upstream(UpstreamError::ConnectTimeout) => (
                     503,
                     Flag::UpstreamConnectFailure,
-                    local::reset_text("connection failure"),
+                    local::reset_text("connection timeout"),
+                ),
+                Failure::Upstream(UpstreamError::ConnectFailure(e)) => (
+                    503,
+                    Flag::UpstreamConnectFailure,
+                    // Envoy's reset reasons: refused or reset by the peer is remote.
+                    local::reset_text(match e.kind() {
+                        std::io::ErrorKind::ConnectionRefused
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted => "remote connection failure",
+                        _ => "local connection failure",
+                    }),
                 ),
                 Failure::Upstream(UpstreamError::Reset(e)) => {
                     if e.is_canceled() || e.is_closed() || e.is_incomplete_message() {
@@ -458,15 +488,16 @@ async fn wait_response(
             None => std::future::pending().await,
         }
     };
-    let limit = async {
-        match limit {
+    let until = |at: Option<Instant>| async move {
+        match at {
             Some(at) => tokio::time::sleep_until(at.into()).await,
             None => std::future::pending().await,
         }
     };
     tokio::select! {
         r = send => r.map_err(Failure::Upstream),
-        () = limit => Err(Failure::PerTryTimeout),
+        () = until(limit) => Err(Failure::PerTryTimeout),
+        () = until(timers.stream_deadline) => Err(Failure::StreamDuration),
         () = per_try_idle => Err(Failure::PerTryTimeout),
         () = timers.activity.expired_since(timers.activity.epoch(), timers.stream_idle) => {
             Err(Failure::StreamIdle)
@@ -675,7 +706,10 @@ fn retriable_response(
 fn retriable_failure(on: RetryOn, failure: &Failure) -> bool {
     let any_5xx = on.intersects(RetryOn::FIVE_XX | RetryOn::GATEWAY_ERROR);
     match failure {
-        Failure::NoHost | Failure::StreamIdle | Failure::RequestTimeout => false,
+        Failure::NoHost
+        | Failure::StreamIdle
+        | Failure::RequestTimeout
+        | Failure::StreamDuration => false,
         Failure::PerTryTimeout => any_5xx,
         Failure::Upstream(UpstreamError::Overflow) => false,
         Failure::Upstream(UpstreamError::ConnectTimeout | UpstreamError::ConnectFailure(_)) => {
