@@ -1,0 +1,530 @@
+//! Endpoint health and hostile or slow clients, through the real proxy on loopback: active
+//! health checks, outlier ejection, HTTP/2 floods (rapid reset, PING and SETTINGS floods),
+//! slow headers and slow bodies, idle connections, and upstream connection reuse limits.
+//! Every test checks what the client got, what the metrics say, and that other
+//! connections were served meanwhile.
+mod common;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use common::{Upstream, get};
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use nodemesh_http::{TenantLimits, server::Standalone};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+/// Starts the proxy on `yaml` with `{name}` placeholders replaced by ports.
+async fn proxy(yaml: &str, ports: &[(&str, u16)]) -> (Standalone, SocketAddr) {
+    let mut text = yaml.to_owned();
+    for (name, port) in ports {
+        text = text.replace(&format!("{{{name}}}"), &port.to_string());
+    }
+    let translated = nodemesh_config::load_bootstrap(&text).expect("bootstrap parses");
+    assert!(
+        translated.diagnostics.errors.is_empty(),
+        "{:?}",
+        translated.diagnostics.errors
+    );
+    let running = nodemesh_http::server::start(
+        translated.snapshot.expect("snapshot"),
+        TenantLimits::default(),
+    )
+    .await
+    .expect("proxy starts");
+    let addr = running.listeners[0].1;
+    (running, addr)
+}
+
+/// The admin's Prometheus text.
+async fn metrics(running: &Standalone) -> String {
+    let admin = running.admin.expect("admin");
+    String::from_utf8_lossy(&get(admin, "admin", "/stats/prometheus", &[]).await.body).into_owned()
+}
+
+/// The value of the first series whose line starts with `prefix`.
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// An upstream whose health endpoint and answers are switched by the test: it counts the
+/// connections it accepted and answers `/health` with 200 or 503, and everything else
+/// with `status`.
+#[derive(Debug)]
+struct Switchable {
+    addr: SocketAddr,
+    healthy: Arc<AtomicBool>,
+    status: Arc<AtomicU32>,
+    connections: Arc<AtomicU32>,
+    requests: Arc<AtomicU32>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Switchable {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Switchable {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let healthy = Arc::new(AtomicBool::new(true));
+        let status = Arc::new(AtomicU32::new(200));
+        let connections = Arc::new(AtomicU32::new(0));
+        let requests = Arc::new(AtomicU32::new(0));
+        let (h, s, c, r) = (
+            healthy.clone(),
+            status.clone(),
+            connections.clone(),
+            requests.clone(),
+        );
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                let (h, s, r) = (h.clone(), s.clone(), r.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<_>| {
+                        let code = if req.uri().path() == "/health" {
+                            if h.load(Ordering::SeqCst) { 200 } else { 503 }
+                        } else {
+                            r.fetch_add(1, Ordering::SeqCst);
+                            s.load(Ordering::SeqCst) as u16
+                        };
+                        async move {
+                            let mut resp = Response::new(Full::new(Bytes::from_static(b"ok")));
+                            *resp.status_mut() =
+                                http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::OK);
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            healthy,
+            status,
+            connections,
+            requests,
+            task,
+        }
+    }
+}
+
+const ADMIN: &str = "admin: { address: { socket_address: { address: 127.0.0.1, port_value: 0 } } }";
+
+fn listener(hcm_extra: &str, cluster: &str) -> String {
+    format!(
+        r#"{ADMIN}
+static_resources:
+  listeners:
+  - name: main
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: main
+{hcm_extra}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: c }}
+  clusters:
+{cluster}"#
+    )
+}
+
+fn endpoints(ports: &[&str]) -> String {
+    ports
+        .iter()
+        .map(|p| {
+            format!("        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {{{p}}} }} }} }}\n")
+        })
+        .collect()
+}
+
+/// Polls `f` until it is true or `within` passes.
+async fn eventually(within: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
+    let until = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < until {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn active_health_checks_take_an_endpoint_out_and_back() {
+    let a = Switchable::start().await;
+    let b = Switchable::start().await;
+    let cluster = format!(
+        r#"  - name: c
+    connect_timeout: 1s
+    health_checks:
+    - timeout: 0.2s
+      interval: 0.05s
+      healthy_threshold: 1
+      unhealthy_threshold: 2
+      http_health_check: {{ path: /health }}
+    load_assignment:
+      cluster_name: c
+      endpoints:
+      - lb_endpoints:
+{}"#,
+        endpoints(&["a", "b"])
+    );
+    let (_running, addr) = proxy(
+        &listener("", &cluster),
+        &[("a", a.addr.port()), ("b", b.addr.port())],
+    )
+    .await;
+    // Endpoints under active checking start unhealthy until their first check passes.
+    assert!(
+        eventually(Duration::from_secs(5), async || get(addr, "h", "/", &[])
+            .await
+            .status
+            == 200)
+        .await
+    );
+    b.healthy.store(false, Ordering::SeqCst);
+    let out = eventually(Duration::from_secs(5), async || {
+        let before = b.requests.load(Ordering::SeqCst);
+        for _ in 0..4 {
+            get(addr, "h", "/", &[]).await;
+        }
+        b.requests.load(Ordering::SeqCst) == before
+    })
+    .await;
+    assert!(out, "the failing endpoint is taken out of rotation");
+    // Out of rotation: every request goes to a.
+    let (a0, b0) = (
+        a.requests.load(Ordering::SeqCst),
+        b.requests.load(Ordering::SeqCst),
+    );
+    for _ in 0..10 {
+        assert_eq!(get(addr, "h", "/", &[]).await.status, 200);
+    }
+    assert_eq!(b.requests.load(Ordering::SeqCst), b0);
+    assert_eq!(a.requests.load(Ordering::SeqCst), a0 + 10);
+    // Healthy again: back in rotation.
+    b.healthy.store(true, Ordering::SeqCst);
+    let back = eventually(Duration::from_secs(5), async || {
+        let before = b.requests.load(Ordering::SeqCst);
+        for _ in 0..4 {
+            get(addr, "h", "/", &[]).await;
+        }
+        b.requests.load(Ordering::SeqCst) > before
+    })
+    .await;
+    assert!(back, "the recovered endpoint is used again");
+}
+
+#[tokio::test]
+async fn consecutive_5xx_eject_an_endpoint() {
+    let a = Switchable::start().await;
+    let b = Switchable::start().await;
+    b.status.store(500, Ordering::SeqCst);
+    let cluster = format!(
+        r#"  - name: c
+    connect_timeout: 1s
+    outlier_detection:
+      consecutive_5xx: 3
+      interval: 1s
+      base_ejection_time: 30s
+      max_ejection_percent: 50
+    load_assignment:
+      cluster_name: c
+      endpoints:
+      - lb_endpoints:
+{}"#,
+        endpoints(&["a", "b"])
+    );
+    let (running, addr) = proxy(
+        &listener("", &cluster),
+        &[("a", a.addr.port()), ("b", b.addr.port())],
+    )
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.push(get(addr, "h", "/", &[]).await.status);
+    }
+    // Round robin sends every other request to b until its third 500 ejects it.
+    assert_eq!(b.requests.load(Ordering::SeqCst), 3, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 500).count(), 3);
+    assert!(statuses[statuses.len() - 10..].iter().all(|s| *s == 200));
+    let text = metrics(&running).await;
+    assert!(
+        metric(
+            &text,
+            "nodemesh_outlier_detection_ejections_total{cluster=\"c\"}"
+        ) >= 1.0,
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn upstream_connections_carry_at_most_max_requests_per_connection() {
+    let a = Switchable::start().await;
+    let cluster = r#"  - name: c
+    connect_timeout: 1s
+    max_requests_per_connection: 2
+    load_assignment:
+      cluster_name: c
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {a} } } }
+"#;
+    let (_running, addr) = proxy(&listener("", cluster), &[("a", a.addr.port())]).await;
+    for _ in 0..6 {
+        assert_eq!(get(addr, "h", "/", &[]).await.status, 200);
+        // Let the finished connection return to the pool.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(a.requests.load(Ordering::SeqCst), 6);
+    assert_eq!(a.connections.load(Ordering::SeqCst), 3, "two requests each");
+}
+
+/// Raw HTTP/2 frames for the flood tests.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Writes `bytes` and reads until the proxy closes the connection or 5 s pass; returns
+/// whether it closed and the frame types it sent.
+async fn flood(addr: SocketAddr, bytes: Vec<u8>) -> (bool, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let (mut rd, mut wr) = s.split();
+    let write = async {
+        let _ = wr.write_all(&bytes).await;
+    };
+    let read = async {
+        let mut got = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut got))
+            .await
+            .is_ok();
+        (closed, got)
+    };
+    let ((), (closed, got)) = tokio::join!(write, read);
+    let mut kinds = Vec::new();
+    let mut i = 0;
+    while i + 9 <= got.len() {
+        let len =
+            (usize::from(got[i]) << 16) | (usize::from(got[i + 1]) << 8) | usize::from(got[i + 2]);
+        kinds.push(got[i + 3]);
+        i += 9 + len;
+    }
+    (closed, kinds)
+}
+
+const SETTINGS: u8 = 4;
+const PING: u8 = 6;
+const GOAWAY: u8 = 7;
+
+/// A HEADERS frame for `GET /` on `stream` (HPACK: static-table indexed fields only, plus
+/// `:authority` as a literal without indexing).
+fn get_headers(stream: u32) -> Vec<u8> {
+    let mut block = vec![0x82, 0x86, 0x84]; // :method GET, :scheme http, :path /
+    block.extend([0x01, 0x01, b'h']); // :authority h (literal, name index 1)
+    frame(1, 0x05, stream, &block) // END_STREAM | END_HEADERS
+}
+
+#[tokio::test]
+async fn http2_floods_end_the_flooding_connection_only() {
+    let a = Upstream::start("a").await;
+    let cluster = r#"  - name: c
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: c
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {a} } } }
+"#;
+    let (running, addr) = proxy(&listener("", cluster), &[("a", a.addr.port())]).await;
+
+    // Rapid reset (CVE-2023-44487): open streams and cancel them at once.
+    let mut bytes = PREFACE.to_vec();
+    bytes.extend(frame(4, 0, 0, &[]));
+    for i in 0..2000u32 {
+        let stream = 2 * i + 1;
+        bytes.extend(get_headers(stream));
+        bytes.extend(frame(3, 0, stream, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+    }
+    let (closed, kinds) = flood(addr, bytes).await;
+    assert!(closed, "the proxy ends a rapid-reset connection");
+    assert!(kinds.contains(&GOAWAY), "with a GOAWAY: {kinds:?}");
+    assert!(
+        a.count() < 2000,
+        "not every reset stream reached the upstream ({})",
+        a.count()
+    );
+
+    // PING flood: answered in order (the codec keeps at most one pong pending, so a flooder
+    // that does not read is held back by TCP, not buffered for); it must not starve others.
+    let mut bytes = PREFACE.to_vec();
+    bytes.extend(frame(4, 0, 0, &[]));
+    for i in 0..50_000u64 {
+        bytes.extend(frame(6, 0, 0, &i.to_be_bytes()));
+    }
+    let pinger = tokio::spawn(flood(addr, bytes));
+    assert_eq!(
+        get(addr, "h", "/", &[]).await.status,
+        200,
+        "others are served"
+    );
+    let (_, kinds) = pinger.await.expect("ping flood");
+    let pongs = kinds.iter().filter(|k| **k == PING).count();
+    assert!((1..=50_000).contains(&pongs), "pongs: {pongs}");
+
+    // SETTINGS flood.
+    let mut bytes = PREFACE.to_vec();
+    for _ in 0..50_000 {
+        bytes.extend(frame(4, 0, 0, &[0, 3, 0, 0, 0, 100])); // MAX_CONCURRENT_STREAMS 100
+    }
+    let settings = tokio::spawn(flood(addr, bytes));
+    assert_eq!(
+        get(addr, "h", "/", &[]).await.status,
+        200,
+        "others are served"
+    );
+    let (_, kinds) = settings.await.expect("settings flood");
+    let acks = kinds.iter().filter(|k| **k == SETTINGS).count();
+    assert!(acks >= 1, "settings are acknowledged: {kinds:?}");
+
+    // A garbage preface is a protocol error, counted.
+    let (closed, _) = flood(
+        addr,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff".to_vec(),
+    )
+    .await;
+    assert!(closed);
+    assert_eq!(get(addr, "h", "/", &[]).await.status, 200);
+    let text = metrics(&running).await;
+    assert!(
+        metric(&text, "nodemesh_downstream_protocol_errors_total") >= 1.0,
+        "the floods are counted: {text}"
+    );
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_but_idle_keep_alive_waits_for_the_idle_timeout() {
+    let a = Upstream::start("a").await;
+    let cluster = r#"  - name: c
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: c
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {a} } } }
+"#;
+    let hcm = "          request_headers_timeout: 0.3s\n          common_http_protocol_options: { idle_timeout: 1.2s }";
+    let (running, addr) = proxy(&listener(hcm, cluster), &[("a", a.addr.port())]).await;
+
+    // A client that starts its headers and never finishes them is closed.
+    let mut slow = TcpStream::connect(addr).await.expect("connect");
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), slow.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "closed after the header timeout");
+
+    // A kept-alive connection idle for longer than the header timeout is still usable ...
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    let conn = tokio::spawn(conn);
+    let req = || {
+        Request::get("/")
+            .header("host", "h")
+            .body(Full::new(Bytes::new()))
+            .expect("request")
+    };
+    assert_eq!(
+        sender.send_request(req()).await.expect("first").status(),
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    sender.ready().await.expect("still open after 0.6 s idle");
+    assert_eq!(
+        sender.send_request(req()).await.expect("second").status(),
+        200
+    );
+    // ... until the idle timeout closes it.
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "the idle timeout closed the connection");
+    let text = metrics(&running).await;
+    assert!(
+        metric(
+            &text,
+            "nodemesh_downstream_protocol_errors_total{kind=\"header_timeout\"}"
+        ) >= 1.0,
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_request_body_slower_than_request_timeout_gets_408() {
+    let a = Upstream::start("a").await;
+    let cluster = r#"  - name: c
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: c
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {a} } } }
+"#;
+    let hcm = "          request_timeout: 0.3s";
+    let (_running, addr) = proxy(&listener(hcm, cluster), &[("a", a.addr.port())]).await;
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n12345")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf))
+        .await
+        .expect("answered before the test deadline")
+        .expect("read");
+    let reply = String::from_utf8_lossy(&buf[..n]);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.ends_with("request timeout"), "{reply}");
+    // A request sent in time is not affected.
+    assert_eq!(get(addr, "h", "/", &[]).await.status, 200);
+}
