@@ -326,6 +326,51 @@ impl MeshNode {
         Ok(process)
     }
 
+    /// Starts `nm-httpapp serve` (HTTP/1.1, h2c, gRPC, upgrades) in `pod` as `name` and
+    /// waits until it listens.
+    pub fn serve_http(&self, pod: &Pod, port: u16, name: &str) -> anyhow::Result<Process> {
+        let mut cmd = Command::new(bin_path("nm-httpapp"));
+        cmd.args([
+            "serve",
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--name",
+            name,
+        ]);
+        let process = self.sim.spawn_in_pod(pod, cmd)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !process.stdout_text().contains("listening") {
+            if Instant::now() > deadline {
+                bail!(
+                    "HTTP server in {} did not start: {}",
+                    pod.name,
+                    process.stderr_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(process)
+    }
+
+    /// Runs `nm-httpapp <args>` in `pod` to completion and parses its JSON report.
+    pub fn httpapp(
+        &self,
+        pod: &Pod,
+        args: &[&str],
+        timeout: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut cmd = Command::new(bin_path("nm-httpapp"));
+        cmd.args(args);
+        let out = self.sim.run_in_pod(pod, cmd, timeout)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(stdout.trim()).with_context(|| {
+            format!(
+                "nm-httpapp {args:?} printed no JSON: {stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
     /// Runs `nm-podapp <args>` in `pod` to completion and parses its JSON report.
     pub fn podapp(
         &self,

@@ -2,7 +2,8 @@
 //! HTTP/1.1, h2c (prior knowledge), gRPC (`nodemesh.echo.v1.Echo`) and WebSocket-style
 //! upgrades, and tells the client what it received.
 //!
-//! An HTTP answer is a JSON document: the server's name, method, path, `:authority`,
+//! An HTTP answer is a JSON document: the server's name, the client's address, method, path,
+//! `:authority`,
 //! protocol version, every request header, and the body (or its length when large). Request
 //! headers steer the answer so that a test can produce every upstream outcome through a
 //! proxy:
@@ -110,7 +111,7 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         shared: shared.clone(),
     }));
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(_) => {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -122,7 +123,7 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let (shared, grpc) = (shared.clone(), grpc.clone());
-                async move { Ok::<_, Infallible>(dispatch(&shared, grpc, req).await) }
+                async move { Ok::<_, Infallible>(dispatch(&shared, grpc, req, peer).await) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -135,6 +136,7 @@ async fn dispatch(
     shared: &Shared,
     grpc: tonic::service::Routes,
     req: Request<Incoming>,
+    peer: SocketAddr,
 ) -> Response<Body> {
     let is_grpc = req
         .headers()
@@ -152,12 +154,15 @@ async fn dispatch(
         if let Some(v) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
             req.headers_mut().insert("x-echo-authority", v);
         }
+        if let Ok(v) = HeaderValue::from_str(&peer.to_string()) {
+            req.headers_mut().insert("x-echo-peer", v);
+        }
         return match grpc.oneshot(req).await {
             Ok(resp) => resp.map(|b| b.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()),
             Err(never) => match never {},
         };
     }
-    http_echo(shared, req).await
+    http_echo(shared, req, peer).await
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
@@ -166,7 +171,7 @@ fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed_unsync()
 }
 
-async fn http_echo(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
+async fn http_echo(shared: &Shared, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     let n = shared.requests.fetch_add(1, Ordering::SeqCst) + 1;
     let number = |k: &str| {
         req.headers()
@@ -197,7 +202,7 @@ async fn http_echo(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     }
     let reset_after = number("x-echo-reset-after");
     let sized = number("x-echo-bytes");
-    let doc = describe(&shared.name, req).await;
+    let doc = describe(&shared.name, req, peer).await;
 
     let body = match (reset_after, sized) {
         (Some(after), _) => {
@@ -238,7 +243,7 @@ async fn http_echo(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
 }
 
 /// The JSON document describing a request (its body is read here).
-async fn describe(name: &str, req: Request<Incoming>) -> serde_json::Value {
+async fn describe(name: &str, req: Request<Incoming>, peer: SocketAddr) -> serde_json::Value {
     let mut headers = serde_json::Map::new();
     for (k, v) in req.headers() {
         let v = serde_json::Value::from(String::from_utf8_lossy(v.as_bytes()).into_owned());
@@ -286,6 +291,7 @@ async fn describe(name: &str, req: Request<Incoming>) -> serde_json::Value {
     };
     serde_json::json!({
         "upstream": name,
+        "peer": peer.to_string(),
         "method": method,
         "path": path,
         "authority": authority,
@@ -399,6 +405,12 @@ impl GrpcEcho {
         EchoReply {
             payload,
             server: self.shared.name.clone(),
+            peer: req
+                .metadata()
+                .get("x-echo-peer")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
             authority: req
                 .metadata()
                 .get("x-echo-authority")

@@ -127,6 +127,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<serde_json::Value> {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("bind {listen}"))?;
+            // The harness waits for this line.
+            println!("listening on {listen}");
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
             nodemesh_simnode::echo::serve_forever(&name, listener).await;
             Ok(json!({ "ok": true }))
         }
@@ -315,6 +319,7 @@ async fn grpc(
                 json!({
                     "code": 0,
                     "server": reply.server,
+                    "peer": reply.peer,
                     "authority": reply.authority,
                     "payload_ok": reply.payload == format!("call {i}").into_bytes(),
                     "grpc_timeout": reply.grpc_timeout,
