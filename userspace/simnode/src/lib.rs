@@ -19,6 +19,7 @@
 mod cmd;
 pub mod echo;
 mod error;
+pub mod load;
 mod node;
 mod process;
 mod sweep;

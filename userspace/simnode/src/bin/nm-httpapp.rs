@@ -8,6 +8,7 @@
 //! nm-httpapp request --connect 198.18.0.3:8080 --authority api --path /x [--h2c] [--header k=v] [--count N]
 //! nm-httpapp grpc --connect 198.18.0.3:8080 --authority api [--count N] [--status 14] [--timeout-ms 500]
 //! nm-httpapp upgrade --connect 198.18.0.3:8080 --authority api --bytes 65536
+//! nm-httpapp load --connect 198.18.0.3:8080 --authority api --protocol h2c --rate 1000
 //! ```
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
@@ -80,6 +81,27 @@ enum Cmd {
         deadline_ms: Option<u64>,
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
+    },
+    /// Load at a fixed rate or closed loop, with latency percentiles (see
+    /// `nodemesh_simnode::load`).
+    Load {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        authority: String,
+        #[arg(long, value_enum, default_value = "http1")]
+        protocol: nodemesh_simnode::load::Protocol,
+        /// Requests per second over all connections; 0 for closed loop.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        #[arg(long, default_value_t = 10_000)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 2_000)]
+        warmup_ms: u64,
+        #[arg(long, default_value_t = 1024)]
+        response_bytes: usize,
     },
     /// An `Upgrade: websocket` request, then bytes echoed through the upgraded connection.
     Upgrade {
@@ -177,6 +199,34 @@ async fn run(cmd: Cmd) -> anyhow::Result<serde_json::Value> {
             bytes,
             timeout_ms,
         } => deadline(timeout_ms, upgrade(connect, &authority, &path, bytes)).await,
+        Cmd::Load {
+            connect,
+            authority,
+            protocol,
+            rate,
+            connections,
+            duration_ms,
+            warmup_ms,
+            response_bytes,
+        } => {
+            let plan = nodemesh_simnode::load::Plan {
+                connect,
+                authority,
+                protocol,
+                rate,
+                connections,
+                duration: Duration::from_millis(duration_ms),
+                warmup: Duration::from_millis(warmup_ms),
+                response_bytes,
+            };
+            let limit = duration_ms + warmup_ms + 30_000;
+            deadline(limit, async move {
+                Ok(serde_json::to_value(
+                    nodemesh_simnode::load::run(plan).await?,
+                )?)
+            })
+            .await
+        }
     }
 }
 
