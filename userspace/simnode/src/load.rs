@@ -295,7 +295,7 @@ async fn connection(
     while due < end {
         tokio::time::sleep_until(due).await;
         sent += 1;
-        if sent % 256 == 0 {
+        if sent.is_multiple_of(256) {
             inflight.retain(|t: &tokio::task::JoinHandle<()>| !t.is_finished());
         }
         let recorded = due >= record_from;
