@@ -195,3 +195,34 @@ pub fn network_filter(any: &Any, at: &str, diags: &mut Diagnostics) -> Option<Ne
         }
     }
 }
+
+/// Reads one HTTP filter's configuration from YAML (the `typed_config` without `@type`),
+/// as a listener's filter would be read: for tests, benchmarks and tools.
+pub fn http_filter_from_yaml(type_name: &str, yaml: &str) -> Result<HttpFilterConfig, Vec<String>> {
+    use prost::Message as _;
+    let msg = crate::pool::parse(yaml, type_name).map_err(|e| vec![e.to_string()])?;
+    let any = Any {
+        type_url: format!("type.googleapis.com/{type_name}"),
+        value: msg.encode_to_vec(),
+    };
+    let mut diags = Diagnostics::default();
+    match http_filter(&any, "filter", &mut diags) {
+        Some(f) if diags.is_ok() => Ok(f),
+        _ => Err(diags.errors),
+    }
+}
+
+/// Reads one network filter's configuration from YAML (see [`http_filter_from_yaml`]).
+pub fn network_filter_from_yaml(type_name: &str, yaml: &str) -> Result<NetworkPolicy, Vec<String>> {
+    use prost::Message as _;
+    let msg = crate::pool::parse(yaml, type_name).map_err(|e| vec![e.to_string()])?;
+    let any = Any {
+        type_url: format!("type.googleapis.com/{type_name}"),
+        value: msg.encode_to_vec(),
+    };
+    let mut diags = Diagnostics::default();
+    match network_filter(&any, "filter", &mut diags) {
+        Some(f) if diags.is_ok() => Ok(f),
+        _ => Err(diags.errors),
+    }
+}
