@@ -36,6 +36,13 @@ pub enum Flag {
     ProtocolError,
     /// Upgrade not allowed (`UPE`? Envoy logs none).
     UpgradeRefused,
+    /// Denied by RBAC (Envoy sets no flag, only the response code details; nodemesh names
+    /// it `RBAC` so that denies are counted and logged as such).
+    RbacDenied,
+    /// Rate limited, locally or by the global quota (`RL`).
+    RateLimited,
+    /// The global quota's Redis is unreachable and the quota fails closed (`RLSE`).
+    RateLimitServiceError,
 }
 
 impl Flag {
@@ -54,6 +61,9 @@ impl Flag {
             Self::Redirect => "RD",
             Self::ProtocolError => "DPE",
             Self::UpgradeRefused => "UPGRADE",
+            Self::RbacDenied => "RBAC",
+            Self::RateLimited => "RL",
+            Self::RateLimitServiceError => "RLSE",
         }
     }
 }

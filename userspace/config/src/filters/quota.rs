@@ -66,8 +66,8 @@ struct Raw {
     failure_mode: Option<String>,
     #[serde(default)]
     timeout: Option<String>,
-    #[serde(default)]
-    status: Option<u16>,
+    #[serde(default, deserialize_with = "opt_whole")]
+    status: Option<u64>,
     quotas: Vec<RawQuota>,
 }
 
@@ -75,12 +75,28 @@ struct Raw {
 #[serde(deny_unknown_fields)]
 struct RawQuota {
     name: String,
+    #[serde(deserialize_with = "whole")]
     limit: u64,
     window: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "opt_whole")]
     batch: Option<u64>,
     #[serde(default)]
     prefix: Option<String>,
+}
+
+/// `google.protobuf.Struct` numbers are doubles: accept whole, non-negative ones.
+fn whole<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let v = f64::deserialize(d)?;
+    if v.fract() != 0.0 || !(0.0..=9.0e15).contains(&v) {
+        return Err(serde::de::Error::custom(format!(
+            "{v} is not a whole non-negative number"
+        )));
+    }
+    Ok(v as u64)
+}
+
+fn opt_whole<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    whole(d).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -176,7 +192,7 @@ pub fn global(value: serde_json::Value, at: &str, diags: &mut Diagnostics) -> Op
     if quotas.is_empty() {
         diags.error(format!("{at}.value.quotas: at least one quota is required"));
     }
-    let status = raw.status.unwrap_or(429);
+    let status = raw.status.map_or(429, |s| u16::try_from(s).unwrap_or(0));
     if !(400..600).contains(&status) {
         diags.error(format!(
             "{at}.value.status: {status} is not a 4xx or 5xx status"
