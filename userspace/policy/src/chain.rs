@@ -66,10 +66,13 @@ impl<'a> RouteView<'a> {
     }
 }
 
+/// Compiled objects by the address of the configuration they came from (which is kept).
+type Cache<C, V> = Mutex<HashMap<usize, (Arc<C>, Arc<V>)>>;
+
 /// Per-connection state of the filters (`local_rate_limit_per_downstream_connection`).
 #[derive(Debug, Default)]
 pub struct ConnScope {
-    limiters: Mutex<HashMap<usize, (Arc<LocalRateLimit>, Arc<Limiter>)>>,
+    limiters: Cache<LocalRateLimit, Limiter>,
 }
 
 impl ConnScope {
@@ -91,8 +94,8 @@ impl ConnScope {
 /// its address cannot be reused by another one).
 #[derive(Debug, Default)]
 struct Overrides {
-    rbac: Mutex<HashMap<usize, (Arc<nodemesh_config::filters::rbac::Rbac>, Arc<rbac::Engine>)>>,
-    local: Mutex<HashMap<usize, (Arc<LocalRateLimit>, Arc<Limiter>)>>,
+    rbac: Cache<nodemesh_config::filters::rbac::Rbac, rbac::Engine>,
+    local: Cache<LocalRateLimit, Limiter>,
 }
 
 /// The HTTP filters of one connection manager, compiled.

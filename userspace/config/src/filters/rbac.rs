@@ -366,10 +366,7 @@ fn metadata(
     let path = m
         .path
         .iter()
-        .filter_map(|s| match &s.segment {
-            Some(Segment::Key(k)) => Some(k.clone()),
-            None => None,
-        })
+        .filter_map(|s| s.segment.as_ref().map(|Segment::Key(k)| k.clone()))
         .collect();
     let Some(v) = &m.value else {
         diags.error(format!("{at}.metadata.value: required"));
