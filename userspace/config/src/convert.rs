@@ -369,18 +369,18 @@ fn to_dynamic<T: prost::Message>(msg: &T, full_name: &str) -> Result<DynamicMess
     })
 }
 
-fn type_name(any: &Any) -> &str {
+pub(crate) fn type_name(any: &Any) -> &str {
     any.type_url.rsplit('/').next().unwrap_or_default()
 }
 
-fn decode_dynamic(any: &Any) -> Result<DynamicMessage, String> {
+pub(crate) fn decode_dynamic(any: &Any) -> Result<DynamicMessage, String> {
     let desc = pool::pool()
         .get_message_by_name(type_name(any))
         .ok_or_else(|| format!("type {:?} is not known to nodemesh", any.type_url))?;
     DynamicMessage::decode(desc, any.value.as_slice()).map_err(|e| e.to_string())
 }
 
-fn dur(d: Option<&envoy_types::pb::google::protobuf::Duration>) -> Option<Duration> {
+pub(crate) fn dur(d: Option<&envoy_types::pb::google::protobuf::Duration>) -> Option<Duration> {
     d.map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
 }
 
@@ -418,7 +418,7 @@ fn socket_address(addr: &core::Address) -> Result<SocketAddr, String> {
     }
 }
 
-fn string_matcher(m: &matcher_pb::StringMatcher) -> Result<StringMatcher, String> {
+pub(crate) fn string_matcher(m: &matcher_pb::StringMatcher) -> Result<StringMatcher, String> {
     use matcher_pb::string_matcher::MatchPattern;
     let kind = match &m.match_pattern {
         Some(MatchPattern::Exact(s)) => StringMatch::Exact(s.clone()),
@@ -438,13 +438,41 @@ fn string_matcher(m: &matcher_pb::StringMatcher) -> Result<StringMatcher, String
     })
 }
 
+/// `envoy.config.route.v3.HeaderMatcher` (routes and RBAC use the same one).
+pub(crate) fn header_matcher(h: &route::HeaderMatcher) -> Result<HeaderMatcher, String> {
+    use route::header_matcher::HeaderMatchSpecifier as S;
+    let plain = |kind| {
+        HeaderRule::String(StringMatcher {
+            kind,
+            ignore_case: false,
+        })
+    };
+    let rule = match &h.header_match_specifier {
+        None => HeaderRule::Present(true),
+        Some(S::ExactMatch(v)) => HeaderRule::String(StringMatcher::exact(v.clone())),
+        Some(S::PrefixMatch(v)) => plain(StringMatch::Prefix(v.clone())),
+        Some(S::SuffixMatch(v)) => plain(StringMatch::Suffix(v.clone())),
+        Some(S::ContainsMatch(v)) => plain(StringMatch::Contains(v.clone())),
+        Some(S::PresentMatch(p)) => HeaderRule::Present(*p),
+        Some(S::RangeMatch(r)) => HeaderRule::Range(r.start, r.end),
+        Some(S::SafeRegexMatch(r)) => HeaderRule::String(regex(&r.regex, false)?),
+        Some(S::StringMatch(s)) => HeaderRule::String(string_matcher(s)?),
+    };
+    Ok(HeaderMatcher {
+        name: h.name.to_ascii_lowercase(),
+        rule,
+        invert: h.invert_match,
+        treat_missing_as_empty: h.treat_missing_header_as_empty,
+    })
+}
+
 fn regex(pattern: &str, ignore_case: bool) -> Result<StringMatcher, String> {
     let mut m = StringMatcher::regex(pattern)?;
     m.ignore_case = ignore_case;
     Ok(m)
 }
 
-fn cidr(c: &core::CidrRange) -> Result<IpRange, String> {
+pub(crate) fn cidr(c: &core::CidrRange) -> Result<IpRange, String> {
     let addr: IpAddr = c
         .address_prefix
         .parse()
@@ -460,7 +488,7 @@ fn cidr(c: &core::CidrRange) -> Result<IpRange, String> {
     })
 }
 
-fn header_options(
+pub(crate) fn header_options(
     opts: &[core::HeaderValueOption],
     at: &str,
     diags: &mut Diagnostics,
@@ -692,11 +720,17 @@ impl Cx {
             ));
             return None;
         };
+        let mut policies = Vec::new();
         for f in others {
-            self.diags.error(format!(
-                "{at}.filters {:?}: only one terminal network filter is supported",
-                f.name
-            ));
+            let pat = format!("{at}.filters {:?}", f.name);
+            match &f.config_type {
+                Some(listener::filter::ConfigType::TypedConfig(any)) => {
+                    if let Some(p) = crate::filters::network_filter(any, &pat, &mut self.diags) {
+                        policies.push(p);
+                    }
+                }
+                _ => self.diags.error(format!("{pat}: typed_config is required")),
+            }
         }
         let fat = format!("{at}.filters {:?}", last.name);
         let Some(listener::filter::ConfigType::TypedConfig(any)) = &last.config_type else {
@@ -722,6 +756,7 @@ impl Cx {
         Some(FilterChain {
             name: c.name.clone(),
             matcher,
+            policies,
             filter,
         })
     }
@@ -801,6 +836,14 @@ impl Cx {
                     self.diags
                         .error(format!("{fat}: the router must be the last HTTP filter"));
                 }
+            } else if crate::filters::is_http_policy(any) {
+                if let Some(config) = crate::filters::http_filter(any, &fat, &mut self.diags) {
+                    filters.push(HttpFilter {
+                        name: f.name.clone(),
+                        type_url: any.type_url.clone(),
+                        config,
+                    });
+                }
             } else if f.is_optional {
                 self.diags.warn(format!(
                     "optional HTTP filter {:?} ({}) is skipped: not supported",
@@ -812,11 +855,6 @@ impl Cx {
                     "{fat}: HTTP filter type {} is not supported",
                     type_name(any)
                 ));
-                filters.push(HttpFilter {
-                    name: f.name.clone(),
-                    type_url: any.type_url.clone(),
-                    config: any.value.clone(),
-                });
             }
         }
         if !router_seen {
@@ -981,6 +1019,19 @@ impl Cx {
                 .and_then(|p| self.retry(p, &format!("{at}.retry_policy"))),
             include_request_attempt_count: vh.include_request_attempt_count,
             include_attempt_count_in_response: vh.include_attempt_count_in_response,
+            per_filter: self.per_filter(&vh.typed_per_filter_config, at),
+            rate_limits: vh
+                .rate_limits
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| {
+                    crate::filters::ratelimit::rate_limit(
+                        r,
+                        &format!("{at}.rate_limits[{i}]"),
+                        &mut self.diags,
+                    )
+                })
+                .collect(),
         })
     }
 
@@ -1030,8 +1081,25 @@ impl Cx {
                 return None;
             }
         };
+        let rate_limits = match &r.action {
+            Some(Action::Route(a)) => a
+                .rate_limits
+                .iter()
+                .enumerate()
+                .filter_map(|(i, x)| {
+                    crate::filters::ratelimit::rate_limit(
+                        x,
+                        &format!("{at}.route.rate_limits[{i}]"),
+                        &mut self.diags,
+                    )
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         Some(Route {
             name: r.name.clone(),
+            per_filter: self.per_filter(&r.typed_per_filter_config, at),
+            rate_limits,
             matcher,
             action,
             headers: mutations(
@@ -1043,6 +1111,24 @@ impl Cx {
                 &mut self.diags,
             ),
         })
+    }
+
+    /// `typed_per_filter_config`, sorted by filter name.
+    fn per_filter(
+        &mut self,
+        configs: &HashMap<String, Any>,
+        at: &str,
+    ) -> Vec<(String, crate::filters::PerRoute)> {
+        let mut names: Vec<&String> = configs.keys().collect();
+        names.sort();
+        names
+            .into_iter()
+            .filter_map(|name| {
+                let pat = format!("{at}.typed_per_filter_config[{name:?}]");
+                crate::filters::per_route(&configs[name], &pat, &mut self.diags)
+                    .map(|p| (name.clone(), p))
+            })
+            .collect()
     }
 
     fn route_match(&mut self, m: &route::RouteMatch, at: &str) -> Option<RouteMatch> {
@@ -1068,45 +1154,13 @@ impl Cx {
         let case_sensitive = m.case_sensitive.as_ref().is_none_or(|b| b.value);
         let mut headers = Vec::new();
         for h in &m.headers {
-            use route::header_matcher::HeaderMatchSpecifier as S;
-            let rule = match &h.header_match_specifier {
-                None => HeaderRule::Present(true),
-                Some(S::ExactMatch(v)) => HeaderRule::String(StringMatcher::exact(v.clone())),
-                Some(S::PrefixMatch(v)) => HeaderRule::String(StringMatcher {
-                    kind: StringMatch::Prefix(v.clone()),
-                    ignore_case: false,
-                }),
-                Some(S::SuffixMatch(v)) => HeaderRule::String(StringMatcher {
-                    kind: StringMatch::Suffix(v.clone()),
-                    ignore_case: false,
-                }),
-                Some(S::ContainsMatch(v)) => HeaderRule::String(StringMatcher {
-                    kind: StringMatch::Contains(v.clone()),
-                    ignore_case: false,
-                }),
-                Some(S::PresentMatch(p)) => HeaderRule::Present(*p),
-                Some(S::RangeMatch(r)) => HeaderRule::Range(r.start, r.end),
-                Some(S::SafeRegexMatch(r)) => match regex(&r.regex, false) {
-                    Ok(m) => HeaderRule::String(m),
-                    Err(e) => {
-                        self.diags.error(format!("{at}.headers[{}]: {e}", h.name));
-                        return None;
-                    }
-                },
-                Some(S::StringMatch(s)) => match string_matcher(s) {
-                    Ok(m) => HeaderRule::String(m),
-                    Err(e) => {
-                        self.diags.error(format!("{at}.headers[{}]: {e}", h.name));
-                        return None;
-                    }
-                },
-            };
-            headers.push(HeaderMatcher {
-                name: h.name.to_ascii_lowercase(),
-                rule,
-                invert: h.invert_match,
-                treat_missing_as_empty: h.treat_missing_header_as_empty,
-            });
+            match header_matcher(h) {
+                Ok(hm) => headers.push(hm),
+                Err(e) => {
+                    self.diags.error(format!("{at}.headers[{}]: {e}", h.name));
+                    return None;
+                }
+            }
         }
         let mut query = Vec::new();
         for q in &m.query_parameters {

@@ -1,5 +1,6 @@
 //! Envoy's v3 configuration, read the way Envoy reads it, into nodemesh's model.
 pub mod convert;
+pub mod filters;
 pub mod matcher;
 pub mod model;
 pub mod pool;

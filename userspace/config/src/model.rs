@@ -6,6 +6,7 @@
 //! here was either rejected with an error naming the field, or ignored with a warning.
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
+pub use crate::filters::{HttpFilterConfig, NetworkPolicy, PerRoute, ratelimit::RateLimitPolicy};
 use crate::matcher::{HeaderMatcher, IpRange, QueryMatcher, StringMatcher};
 
 /// A complete, validated configuration.
@@ -52,6 +53,8 @@ pub struct Listener {
 pub struct FilterChain {
     pub name: String,
     pub matcher: ChainMatch,
+    /// Network filters in front of the terminal one (network RBAC), in order.
+    pub policies: Vec<NetworkPolicy>,
     pub filter: NetworkFilter,
 }
 
@@ -149,15 +152,15 @@ pub enum RouteSource {
     Named(String),
 }
 
-/// HTTP filters other than the router, kept as typed configuration for the filters that
-/// implement them (authorization and quota come with their own crate).
+/// An HTTP filter before the router (authorization, rate limits, quota), in configured
+/// order; `nodemesh-policy` compiles and runs them.
 #[derive(Debug, Clone)]
 pub struct HttpFilter {
+    /// The filter's name: `typed_per_filter_config` entries are looked up by it.
     pub name: String,
     /// The extension's type URL.
     pub type_url: String,
-    /// The extension's configuration (protobuf bytes of `type_url`).
-    pub config: Vec<u8>,
+    pub config: HttpFilterConfig,
 }
 
 /// HTTP/2 settings (`http2_protocol_options`).
@@ -227,6 +230,10 @@ pub struct VirtualHost {
     pub retry: Option<RetryPolicy>,
     pub include_request_attempt_count: bool,
     pub include_attempt_count_in_response: bool,
+    /// `typed_per_filter_config`, by filter name.
+    pub per_filter: Vec<(String, PerRoute)>,
+    /// `rate_limits`: descriptor actions for the rate limit filters.
+    pub rate_limits: Vec<RateLimitPolicy>,
 }
 
 /// A virtual host domain, with Envoy's precedence: exact, then the longest `*.suffix`, then
@@ -248,6 +255,10 @@ pub struct Route {
     pub matcher: RouteMatch,
     pub action: RouteAction,
     pub headers: HeaderMutations,
+    /// `typed_per_filter_config`, by filter name.
+    pub per_filter: Vec<(String, PerRoute)>,
+    /// The route action's `rate_limits`.
+    pub rate_limits: Vec<RateLimitPolicy>,
 }
 
 /// `RouteMatch`.

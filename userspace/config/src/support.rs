@@ -618,14 +618,10 @@ static TABLE: &[(&[&str], Rules)] = &[
                 "include_request_attempt_count",
                 "include_attempt_count_in_response",
                 "require_tls",
+                "typed_per_filter_config",
+                "rate_limits",
             ],
-            ignored: &[
-                (
-                    "typed_per_filter_config",
-                    "per-filter overrides apply to filters nodemesh does not run yet",
-                ),
-                ("metadata", NO_EFFECT_ON_TRAFFIC),
-            ],
+            ignored: &[("metadata", NO_EFFECT_ON_TRAFFIC)],
         },
     ),
     (
@@ -641,15 +637,12 @@ static TABLE: &[(&[&str], Rules)] = &[
                 "request_headers_to_remove",
                 "response_headers_to_add",
                 "response_headers_to_remove",
+                "typed_per_filter_config",
             ],
             ignored: &[
                 ("decorator", NO_EFFECT_ON_TRAFFIC),
                 ("tracing", NO_EFFECT_ON_TRAFFIC),
                 ("metadata", NO_EFFECT_ON_TRAFFIC),
-                (
-                    "typed_per_filter_config",
-                    "per-filter overrides apply to filters nodemesh does not run yet",
-                ),
                 ("stat_prefix", NO_EFFECT_ON_TRAFFIC),
             ],
         },
@@ -754,6 +747,7 @@ static TABLE: &[(&[&str], Rules)] = &[
                 "max_grpc_timeout",
                 "grpc_timeout_offset",
                 "upgrade_configs",
+                "rate_limits",
             ],
             ignored: &[
                 (
@@ -769,6 +763,257 @@ static TABLE: &[(&[&str], Rules)] = &[
                 ),
                 ("append_x_forwarded_host", "x-forwarded-host is not added"),
             ],
+        },
+    ),
+    (
+        &["envoy.extensions.filters.http.rbac.v3.RBAC"],
+        Fields {
+            supported: &[
+                "rules",
+                "shadow_rules",
+                "rules_stat_prefix",
+                "shadow_rules_stat_prefix",
+            ],
+            ignored: &[("track_per_rule_stats", NO_EFFECT_ON_TRAFFIC)],
+        },
+    ),
+    (
+        &["envoy.extensions.filters.http.rbac.v3.RBACPerRoute"],
+        Fields {
+            supported: &["rbac"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.extensions.filters.network.rbac.v3.RBAC"],
+        Fields {
+            supported: &[
+                "rules",
+                "shadow_rules",
+                "stat_prefix",
+                "shadow_rules_stat_prefix",
+                "enforcement_type",
+            ],
+            ignored: &[("delay_deny", "a denied connection is closed at once")],
+        },
+    ),
+    (
+        &["envoy.config.rbac.v3.RBAC"],
+        Fields {
+            supported: &["action", "policies"],
+            ignored: &[(
+                "audit_logging_options",
+                "not implemented in Envoy either; denies are logged and counted",
+            )],
+        },
+    ),
+    (
+        &["envoy.config.rbac.v3.Policy"],
+        Fields {
+            supported: &["permissions", "principals"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.config.rbac.v3.Permission"],
+        Fields {
+            supported: &[
+                "any",
+                "and_rules",
+                "or_rules",
+                "not_rule",
+                "header",
+                "url_path",
+                "destination_ip",
+                "destination_port",
+                "destination_port_range",
+                "requested_server_name",
+                "metadata",
+            ],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.config.rbac.v3.Permission.Set"],
+        Fields {
+            supported: &["rules"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.config.rbac.v3.Principal"],
+        Fields {
+            supported: &[
+                "any",
+                "and_ids",
+                "or_ids",
+                "not_id",
+                "authenticated",
+                "source_ip",
+                "direct_remote_ip",
+                "remote_ip",
+                "header",
+                "url_path",
+                "metadata",
+            ],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.config.rbac.v3.Principal.Set"],
+        Fields {
+            supported: &["ids"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.config.rbac.v3.Principal.Authenticated"],
+        Fields {
+            supported: &["principal_name"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.type.matcher.v3.PathMatcher"],
+        Fields {
+            supported: &["path"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.type.matcher.v3.MetadataMatcher"],
+        Fields {
+            supported: &["filter", "path", "value", "invert"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.type.matcher.v3.MetadataMatcher.PathSegment"],
+        Fields {
+            supported: &["key"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.type.matcher.v3.ValueMatcher"],
+        Fields {
+            supported: &["string_match", "bool_match", "present_match", "list_match"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.type.matcher.v3.ListMatcher"],
+        Fields {
+            supported: &["one_of"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"],
+        Fields {
+            supported: &[
+                "stat_prefix",
+                "status",
+                "token_bucket",
+                "filter_enabled",
+                "filter_enforced",
+                "request_headers_to_add_when_not_enforced",
+                "response_headers_to_add",
+                "descriptors",
+                "stage",
+                "local_rate_limit_per_downstream_connection",
+                "enable_x_ratelimit_headers",
+                "vh_rate_limits",
+                "always_consume_default_token_bucket",
+                "rate_limited_as_resource_exhausted",
+                "rate_limits",
+                "enable_retry_after_header",
+            ],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.type.v3.TokenBucket"],
+        Fields {
+            supported: &["max_tokens", "tokens_per_fill", "fill_interval"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.type.v3.HttpStatus"],
+        Fields {
+            supported: &["code"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.extensions.common.ratelimit.v3.LocalRateLimitDescriptor"],
+        Fields {
+            supported: &["entries", "token_bucket", "shadow_mode"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.extensions.common.ratelimit.v3.RateLimitDescriptor.Entry"],
+        Fields {
+            supported: &["key", "value"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.config.route.v3.RateLimit"],
+        Fields {
+            supported: &["stage", "actions"],
+            ignored: &[("disable_key", "there are no runtime overrides")],
+        },
+    ),
+    (
+        &["envoy.config.route.v3.RateLimit.Action"],
+        Fields {
+            supported: &[
+                "generic_key",
+                "request_headers",
+                "remote_address",
+                "destination_cluster",
+                "header_value_match",
+            ],
+            ignored: &[],
+        },
+    ),
+    (
+        &[
+            "envoy.config.route.v3.RateLimit.Action.RemoteAddress",
+            "envoy.config.route.v3.RateLimit.Action.DestinationCluster",
+        ],
+        Fields {
+            supported: &[],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.config.route.v3.RateLimit.Action.GenericKey"],
+        Fields {
+            supported: &["descriptor_value", "descriptor_key"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.config.route.v3.RateLimit.Action.RequestHeaders"],
+        Fields {
+            supported: &["header_name", "descriptor_key", "skip_if_absent"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.config.route.v3.RateLimit.Action.HeaderValueMatch"],
+        Fields {
+            supported: &[
+                "descriptor_key",
+                "descriptor_value",
+                "expect_match",
+                "headers",
+            ],
+            ignored: &[],
         },
     ),
     (

@@ -50,6 +50,11 @@ pub(crate) struct ConnCtx {
     pub accepted: Accepted,
     pub downstream_h2: bool,
     tracker: Arc<downstream::Tracker>,
+    /// This connection's filter chain, to find its compiled HTTP filters per request.
+    pub chain_key: crate::policy::ChainKey,
+    /// The filters compiled when the connection started (used if its chain is gone).
+    pub filters: Option<Arc<nodemesh_policy::HttpChain>>,
+    pub scope: nodemesh_policy::ConnScope,
 }
 
 /// Serves an HTTP connection (`h2`: HTTP/2 with prior knowledge) until the client closes
@@ -60,6 +65,8 @@ pub async fn serve(
     io: Rewind<TcpStream>,
     h2: bool,
     accepted: Accepted,
+    chain_key: crate::policy::ChainKey,
+    filters: Option<Arc<nodemesh_policy::HttpChain>>,
 ) {
     engine
         .stats()
@@ -71,6 +78,9 @@ pub async fn serve(
         accepted,
         downstream_h2: h2,
         tracker: tracker.clone(),
+        chain_key,
+        filters,
+        scope: nodemesh_policy::ConnScope::default(),
     });
     let service = service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
@@ -277,7 +287,48 @@ async fn dispatch(
         scheme,
         headers: req.headers(),
     };
-    let Some(selected) = route::select(&routes, &view) else {
+    let selected = route::select(&routes, &view);
+    // The HTTP filters before the router, from the configuration in force now (a new
+    // policy applies to the next request of a kept-alive connection).
+    let filters = state.policies.http(&ctx.chain_key).or_else(|| {
+        state
+            .policies
+            .is_empty()
+            .then(|| ctx.filters.clone())
+            .flatten()
+    });
+    let mut added_response_headers = Vec::new();
+    let mut req = req;
+    if let Some(filters) = filters {
+        let cluster = selected.and_then(|s| match &s.route.action {
+            RouteAction::Forward(f) => match &f.target {
+                nodemesh_config::model::ClusterTarget::Named(n) => Some(n.as_str()),
+                _ => None,
+            },
+            _ => None,
+        });
+        let verdict = crate::filters::run(
+            ctx, &filters, &req, &host, &path, scheme, cluster, selected, grpc,
+        )
+        .await;
+        match verdict {
+            nodemesh_policy::Verdict::Continue => {}
+            nodemesh_policy::Verdict::ContinueWith {
+                request_headers,
+                response_headers,
+            } => {
+                headers::apply_options(req.headers_mut(), &request_headers);
+                added_response_headers = response_headers;
+            }
+            nodemesh_policy::Verdict::Deny(denial) => {
+                return (
+                    crate::filters::deny_reply(&denial, grpc),
+                    selected.map(|s| route_label(&routes, &s)),
+                );
+            }
+        }
+    }
+    let Some(selected) = selected else {
         return (local::reply(404, Flag::NoRoute, "", grpc), None);
     };
     let label = route_label(&routes, &selected);
@@ -312,6 +363,8 @@ async fn dispatch(
             router::forward(ctx, &state, target, req, grpc).await
         }
     };
+    let mut response = response;
+    crate::filters::add_response_headers(&mut response, &added_response_headers);
     (response, Some(label))
 }
 

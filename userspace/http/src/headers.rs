@@ -78,6 +78,13 @@ pub fn apply(headers: &mut HeaderMap, levels: &[&HeaderMutations], side: Side) {
     }
 }
 
+/// Adds header options a filter asked for.
+pub fn apply_options(headers: &mut HeaderMap, options: &[HeaderValueOption]) {
+    for option in options {
+        add_one(headers, option);
+    }
+}
+
 fn add_one(headers: &mut HeaderMap, option: &HeaderValueOption) {
     if option.value.is_empty() && !option.keep_empty_value {
         return;

@@ -24,11 +24,13 @@ pub mod admin;
 pub mod detect;
 mod downstream;
 pub mod explain;
+pub mod filters;
 pub mod hcm;
 mod headers;
 mod idle;
 pub mod listener;
 mod local;
+pub mod policy;
 pub mod route;
 pub mod router;
 pub mod sanitize;
@@ -61,6 +63,13 @@ pub struct Source {
     pub key: u64,
     /// For metrics and logs: `namespace/pod`, or the client IP.
     pub name: Arc<str>,
+    /// The source's identity for authorization (`spiffe://<trust domain>/ns/<ns>/sa/<sa>`):
+    /// the pod's in the node proxy (until mTLS carries it); none in a standalone proxy,
+    /// where, as in Envoy without TLS, `authenticated` principals never match.
+    pub principal: Option<Arc<str>>,
+    /// The source workload's namespace and name, when known (metrics, `istio_authn`).
+    pub namespace: Option<Arc<str>>,
+    pub workload: Option<Arc<str>>,
 }
 
 impl Source {
@@ -69,6 +78,9 @@ impl Source {
         Self {
             key: 0,
             name: Arc::from("node"),
+            principal: None,
+            namespace: None,
+            workload: None,
         }
     }
 
@@ -82,6 +94,9 @@ impl Source {
             // Never 0, which is the node's own key.
             key: hasher.hash_one(ip) | 1,
             name: Arc::from(addr.ip().to_canonical().to_string()),
+            principal: None,
+            namespace: None,
+            workload: None,
         }
     }
 }
@@ -130,6 +145,8 @@ pub struct Accepted {
 pub struct State {
     pub snapshot: Arc<Snapshot>,
     pub clusters: HashMap<String, Arc<ClusterState>>,
+    /// The compiled filters of every filter chain, by [`policy::ChainKey`].
+    pub policies: policy::Compiled,
 }
 
 /// The L7 proxy.
@@ -138,6 +155,12 @@ pub struct Engine {
     connector: Arc<dyn Connector>,
     stats: stats::Stats,
     tenants: tenant::Tenants,
+    /// What outlives a configuration: quota leases, policy counters.
+    policies: nodemesh_policy::chain::Policies,
+    /// Bumped after every update: open connections re-check their network policy.
+    updates: tokio::sync::watch::Sender<u64>,
+    /// Close open connections that a new network policy denies.
+    close_denied: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Engine {
@@ -158,14 +181,19 @@ impl Engine {
         registry: &mut Registry,
     ) -> Arc<Self> {
         let stats = stats::Stats::register(registry);
+        let policy_stats = nodemesh_policy::stats::PolicyStats::register(registry);
         let engine = Arc::new(Self {
             state: ArcSwap::from_pointee(State {
                 snapshot: Arc::new(Snapshot::default()),
                 clusters: HashMap::new(),
+                policies: policy::Compiled::default(),
             }),
             connector,
             tenants: tenant::Tenants::new(limits, stats.clone()),
             stats,
+            policies: nodemesh_policy::chain::Policies::new(policy_stats),
+            updates: tokio::sync::watch::Sender::new(0),
+            close_denied: std::sync::atomic::AtomicBool::new(true),
         });
         engine.update(snapshot);
         engine
@@ -183,10 +211,20 @@ impl Engine {
                 (name.clone(), state)
             })
             .collect();
+        let policies = policy::Compiled::build(&snapshot, &self.policies);
         self.state.store(Arc::new(State {
             snapshot: Arc::new(snapshot),
             clusters,
+            policies,
         }));
+        // Open connections re-check their network policy against what was just published.
+        self.updates.send_modify(|v| *v += 1);
+    }
+
+    /// Whether open connections a new network policy denies are closed (default: yes).
+    pub fn set_close_denied_on_update(&self, close: bool) {
+        self.close_denied
+            .store(close, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The configuration requests start with now.
@@ -206,6 +244,14 @@ impl Engine {
 
     pub(crate) fn connector(&self) -> &Arc<dyn Connector> {
         &self.connector
+    }
+
+    pub(crate) fn updates(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.updates.subscribe()
+    }
+
+    pub(crate) fn close_denied(&self) -> bool {
+        self.close_denied.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub(crate) fn tenants(&self) -> &tenant::Tenants {
@@ -252,6 +298,21 @@ impl Engine {
             warn!(listener = %listener.name, destination = %accepted.destination, "no filter chain matches; closing (NR)");
             return;
         };
+        let key = policy::ChainKey::of(&listener, chain);
+        let principal = accepted.source.principal.clone();
+        let conn_attrs = policy::ConnAttrs {
+            peer: accepted.peer,
+            destination: accepted.destination,
+            principal,
+            namespace: accepted.source.namespace.clone(),
+            server_name: detected.server_name.clone(),
+        };
+        if let Some(details) = state.policies.network_check(&key, &conn_attrs) {
+            self.stats.local_reply("RBAC");
+            debug!(listener = %listener.name, peer = %accepted.peer, %details, "connection denied by network RBAC; closing");
+            return;
+        }
+        let watch = policy::watch_denied(self.clone(), key.clone(), conn_attrs);
         match &chain.filter {
             NetworkFilter::Http(hcm) => {
                 let hcm = hcm.clone();
@@ -281,13 +342,20 @@ impl Engine {
                     }
                 };
                 let io = detect::Rewind::new(prefix, stream);
-                hcm::serve(self.clone(), hcm, io, h2, accepted).await;
+                let chain_filters = state.policies.http(&key);
+                tokio::select! {
+                    () = hcm::serve(self.clone(), hcm, io, h2, accepted, key, chain_filters) => {}
+                    () = watch => {}
+                }
             }
             NetworkFilter::Tcp(proxy) => {
                 let io = detect::Rewind::new(prefix, stream);
                 self.stats.downstream_connection("tcp");
                 let proxy = proxy.clone();
-                tcp::serve(&self, &state, &proxy, io, &accepted).await;
+                tokio::select! {
+                    () = tcp::serve(&self, &state, &proxy, io, &accepted) => {}
+                    () = watch => {}
+                }
             }
         }
     }

@@ -167,6 +167,7 @@ mod tests {
         FilterChain {
             name: name.into(),
             matcher,
+            policies: vec![],
             filter: NetworkFilter::Tcp(TcpProxy {
                 stat_prefix: name.into(),
                 target: ClusterTarget::Named(name.into()),

@@ -44,6 +44,13 @@ pub enum Flag {
     /// The request was not received within `request_timeout` (Envoy sets no flag; its
     /// response details say `request_overall_timeout`).
     RequestTimeout,
+    /// Denied by RBAC (Envoy sets no flag, only the response code details; nodemesh names
+    /// it `RBAC` so that denies are counted and logged as such).
+    RbacDenied,
+    /// Rate limited, locally or by the global quota (`RL`).
+    RateLimited,
+    /// The global quota's Redis is unreachable and the quota fails closed (`RLSE`).
+    RateLimitServiceError,
 }
 
 impl Flag {
@@ -65,6 +72,9 @@ impl Flag {
             Self::StreamIdleTimeout => "SI",
             Self::StreamDurationTimeout => "DT",
             Self::RequestTimeout => "request_overall_timeout",
+            Self::RbacDenied => "RBAC",
+            Self::RateLimited => "RL",
+            Self::RateLimitServiceError => "RLSE",
         }
     }
 }

@@ -233,6 +233,8 @@ mod tests {
                 body: None,
             },
             headers: HeaderMutations::default(),
+            per_filter: vec![],
+            rate_limits: vec![],
         }
     }
 
@@ -245,6 +247,8 @@ mod tests {
             retry: None,
             include_request_attempt_count: false,
             include_attempt_count_in_response: false,
+            per_filter: vec![],
+            rate_limits: vec![],
         }
     }
 

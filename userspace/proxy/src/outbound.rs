@@ -413,11 +413,27 @@ impl Outbound {
     }
 }
 
-/// The L7 proxy's view of a pod: its namespace cookie and `namespace/name`.
+/// The trust domain of pod identities (Istio's default).
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// The L7 proxy's view of a pod: its namespace cookie, `namespace/name` and identity.
 fn pod_source(pod: &PodInfo, netns_cookie: u64) -> nodemesh_http::Source {
+    let account = if pod.spec.service_account.is_empty() {
+        "default"
+    } else {
+        &pod.spec.service_account
+    };
     nodemesh_http::Source {
         key: netns_cookie,
         name: Arc::from(format!("{}/{}", pod.namespace(), pod.spec.name)),
+        // Until mTLS carries peer certificates, the pod's identity is the one the registry
+        // gives it: Istio's SPIFFE form of its namespace and service account.
+        principal: Some(Arc::from(format!(
+            "spiffe://{TRUST_DOMAIN}/ns/{}/sa/{account}",
+            pod.namespace()
+        ))),
+        namespace: Some(Arc::from(pod.namespace())),
+        workload: Some(Arc::from(pod.workload())),
     }
 }
 
