@@ -11,4 +11,6 @@
 //! The paths are switched at run time on the same node (namespace label, sockmap switch),
 //! so every round measures all three under the same conditions, interleaved.
 
+pub mod http;
+pub mod parts;
 pub mod paths;

@@ -126,6 +126,11 @@ impl MeshNode {
         Ok(())
     }
 
+    /// The running agent's process id.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Process::pid)
+    }
+
     /// The running agent's log so far.
     pub fn agent_log(&self) -> String {
         self.agent

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: runs `nodemesh-bench` (benches/src/bin/bench.rs) from the fresh
-//! release build: request/response latency direct, through the node proxy, and through the
-//! node proxy with sockmap, in interleaved rounds; JSON and Markdown in `out_dir`.
+//! release build: its parts (`tcp`: round trips direct, through the node proxy and with
+//! sockmap; `http`: HTTP/1.1, h2c and gRPC through the L7 node proxy), in interleaved
+//! rounds; JSON and Markdown per part in `out_dir`.
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -14,6 +15,8 @@ pub struct BenchOpts {
     pub out_dir: PathBuf,
     /// Where the built (release) `nodemesh` binaries are.
     pub bin_dir: PathBuf,
+    /// Only these parts (`nodemesh-bench --part`); all when empty.
+    pub parts: Vec<String>,
 }
 
 pub fn run(opts: &BenchOpts) -> anyhow::Result<()> {
@@ -23,6 +26,9 @@ pub fn run(opts: &BenchOpts) -> anyhow::Result<()> {
         .arg(&opts.out_dir);
     if opts.quick {
         cmd.arg("--quick");
+    }
+    for part in &opts.parts {
+        cmd.args(["--part", part]);
     }
     util::run(
         &mut cmd,

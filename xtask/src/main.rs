@@ -94,6 +94,9 @@ enum Cmd {
         /// Where results go [default: <target dir>/bench].
         #[arg(long)]
         out_dir: Option<PathBuf>,
+        /// Only this part (repeatable): tcp, http.
+        #[arg(long = "part")]
+        parts: Vec<String>,
         #[arg(long)]
         skip_setup: bool,
     },
@@ -176,6 +179,7 @@ fn run(cmd: Cmd, steps: &mut Steps) -> anyhow::Result<()> {
         Cmd::Bench {
             quick,
             out_dir,
+            parts,
             skip_setup,
         } => {
             setup(steps, skip_setup)?;
@@ -184,6 +188,7 @@ fn run(cmd: Cmd, steps: &mut Steps) -> anyhow::Result<()> {
                 quick,
                 out_dir: out_dir.unwrap_or_else(|| ws.target_dir.join("bench")),
                 bin_dir: ws.bin_dir(true),
+                parts,
             };
             steps.run("bench", "data-path benchmarks", || bench::run(&opts))
         }

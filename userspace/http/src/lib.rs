@@ -260,6 +260,9 @@ impl Engine {
 
     /// Serves one accepted connection to its end.
     pub async fn serve(self: Arc<Self>, stream: TcpStream, accepted: Accepted) {
+        // Responses are written as the codecs produce them; Nagle's algorithm would hold
+        // small writes (gRPC trailers, HTTP/2 frames) for a delayed ACK.
+        let _ = stream.set_nodelay(true);
         let Some(_conn_slot) = self.tenants.connection(&accepted.source) else {
             warn!(source = %accepted.source.name, "connection refused: per-source connection limit");
             return;
