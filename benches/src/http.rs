@@ -101,11 +101,18 @@ pub struct HttpBench {
 
 impl HttpBench {
     pub fn start(label: &str) -> anyhow::Result<Self> {
+        Self::start_with(label, &[])
+    }
+
+    /// With extra lines under `proxy.l7:` (e.g. per-pod limits).
+    pub fn start_with(label: &str, l7_extra: &[&str]) -> anyhow::Result<Self> {
         let work = tempfile::tempdir()?;
         let file = work.path().join("envoy.yaml");
         std::fs::write(&file, bootstrap())?;
+        let mut proxy = vec!["l7:".into(), format!("  bootstrap: {}", file.display())];
+        proxy.extend(l7_extra.iter().map(|l| format!("  {l}")));
         let opts = AgentOptions {
-            proxy: vec!["l7:".into(), format!("  bootstrap: {}", file.display())],
+            proxy,
             ..AgentOptions::default()
         };
         let mut node = MeshNode::start_with(label, &opts)?;
@@ -124,40 +131,54 @@ impl HttpBench {
     /// Runs one load on `path`, checking that it took that path.
     pub fn measure(&self, path: Path, shape: Shape) -> anyhow::Result<Load> {
         crate::paths::Paths::new(&self.node, &self.client, &self.server).select(path)?;
-        let before = self.node.counters()?;
-        let l7_before = self.l7_connections()?;
-        let cpu_before = self.agent_cpu()?;
-        let dst = format!("{}:{PORT}", self.server.ip);
+        self.measure_from(&self.client, path, shape)
+    }
+
+    /// The `nm-httpapp load` arguments for `shape` against the server.
+    pub fn load_args(&self, shape: Shape) -> Vec<String> {
         let protocol = match shape.protocol {
             Protocol::Http1 => "http1",
             Protocol::H2c => "h2c",
             Protocol::Grpc => "grpc",
         };
+        [
+            "load",
+            "--connect",
+            &format!("{}:{PORT}", self.server.ip),
+            "--authority",
+            "server.bench",
+            "--protocol",
+            protocol,
+            "--rate",
+            &shape.rate.to_string(),
+            "--connections",
+            &shape.connections.to_string(),
+            "--duration-ms",
+            &shape.duration.as_millis().to_string(),
+            "--warmup-ms",
+            &shape.warmup.as_millis().to_string(),
+            "--response-bytes",
+            &shape.response_bytes.to_string(),
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect()
+    }
+
+    /// [`Self::measure`] from another client pod, with the node already on `path`.
+    pub fn measure_from(&self, client: &Pod, path: Path, shape: Shape) -> anyhow::Result<Load> {
+        let before = self.node.counters()?;
+        let l7_before = self.l7_connections()?;
+        let cpu_before = self.agent_cpu()?;
+        let args = self.load_args(shape);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let report = self.node.httpapp(
-            &self.client,
-            &[
-                "load",
-                "--connect",
-                &dst,
-                "--authority",
-                "server.bench",
-                "--protocol",
-                protocol,
-                "--rate",
-                &shape.rate.to_string(),
-                "--connections",
-                &shape.connections.to_string(),
-                "--duration-ms",
-                &shape.duration.as_millis().to_string(),
-                "--warmup-ms",
-                &shape.warmup.as_millis().to_string(),
-                "--response-bytes",
-                &shape.response_bytes.to_string(),
-            ],
+            client,
+            &args,
             shape.duration + shape.warmup + Duration::from_secs(60),
         )?;
         if report["ok"] != true {
-            bail!("{path:?} {protocol}: the load failed: {report}");
+            bail!("{path:?} {:?}: the load failed: {report}", shape.protocol);
         }
         let mut load: Load =
             serde_json::from_value(report.clone()).with_context(|| format!("{report}"))?;

@@ -35,6 +35,8 @@ enum Part {
     Tcp,
     /// HTTP/1.1, h2c, gRPC through the L7 node proxy: latency, throughput, CPU.
     Http,
+    /// A quiet pod's latency while another pod floods the node proxy.
+    Tenants,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,7 +48,7 @@ fn main() -> anyhow::Result<()> {
         quick: args.quick,
     };
     let selected = if args.parts.is_empty() {
-        vec![Part::Tcp, Part::Http]
+        vec![Part::Tcp, Part::Http, Part::Tenants]
     } else {
         args.parts.clone()
     };
@@ -55,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         match part {
             Part::Tcp => parts::tcp::run(&common, args.size, args.rounds, args.iterations),
             Part::Http => parts::http::run(&common, args.rounds),
+            Part::Tenants => parts::tenants::run(&common, args.rounds),
         }
         .with_context(|| format!("part {part:?}"))?;
     }

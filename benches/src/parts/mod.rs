@@ -2,6 +2,7 @@
 //! `<out-dir>/<name>.json` and `<name>.md`.
 pub mod http;
 pub mod tcp;
+pub mod tenants;
 
 use std::path::PathBuf;
 
