@@ -13,7 +13,7 @@ use crate::util;
 use crate::workspace::Workspace;
 
 /// The targets, in `fuzz/Cargo.toml`.
-pub const TARGETS: &[&str] = &["detect", "config", "grpc_timeout"];
+pub const TARGETS: &[&str] = &["detect", "config", "grpc_timeout", "sanitize"];
 
 /// cargo-fuzz, installed from crates.io when missing.
 pub fn check_cargo_fuzz() -> anyhow::Result<Check> {

@@ -212,25 +212,42 @@ fn is_unreserved(b: u8) -> bool {
 }
 
 /// Decodes percent-encoded unreserved characters, then removes dot segments (RFC 3986
-/// §6.2.2.2 and §5.2.4).
+/// §6.2.2.2 and §5.2.4). A `%` that starts no valid escape is kept, unless the decoded
+/// characters after it would make it one (`%%32%65` would become `%2e`, a dot for whoever
+/// decodes next): then it is written `%25`, as Envoy's canonicalizer does, so that
+/// normalizing twice changes nothing.
 pub fn normalize_path(path: &str) -> String {
     let bytes = path.as_bytes();
     let mut decoded = String::with_capacity(path.len());
+    let mut literal_percents = Vec::new();
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(hex) = path.get(i + 1..i + 3)
-            && let Ok(b) = u8::from_str_radix(hex, 16)
-            && is_unreserved(b)
-        {
-            decoded.push(b as char);
-            i += 3;
-            continue;
+        if bytes[i] == b'%' {
+            match path
+                .get(i + 1..i + 3)
+                .map(|hex| u8::from_str_radix(hex, 16))
+            {
+                Some(Ok(b)) if is_unreserved(b) => {
+                    decoded.push(b as char);
+                    i += 3;
+                    continue;
+                }
+                Some(Ok(_)) => {}
+                _ => literal_percents.push(decoded.len()),
+            }
         }
         // Multi-byte characters are copied whole.
         let ch = path[i..].chars().next().unwrap_or('\u{fffd}');
         decoded.push(ch);
         i += ch.len_utf8().max(1);
+    }
+    for at in literal_percents.into_iter().rev() {
+        let forms_escape = decoded
+            .get(at + 1..at + 3)
+            .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()));
+        if forms_escape {
+            decoded.replace_range(at..=at, "%25");
+        }
     }
     remove_dot_segments(&decoded)
 }
@@ -331,6 +348,8 @@ mod tests {
             ("/x/y/../../../b", "/b"),
             ("/x/..%2fb", "/x/..%2fb"),
             ("/x/%252e", "/x/%252e"),
+            ("/x/%%32%65%%32%65/b", "/x/%252e%252e/b"),
+            ("/x/%%zz", "/x/%%zz"),
             ("/", "/"),
             ("/..", "/"),
         ] {
