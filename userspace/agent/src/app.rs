@@ -8,7 +8,8 @@
 //! 4. the pod registry, restored from the state file and reconciled with the pod map;
 //! 5. the proxy on the listener (the predecessor's, or a fresh one), then the connections
 //!    the predecessor hands over;
-//! 6. the registry API, admin, and the handoff socket for the next agent; ready.
+//! 6. the registry API, the Kubernetes pod source when `kubernetes.enabled` (it feeds the
+//!    same registry), admin, and the handoff socket for the next agent; ready.
 //!
 //! Runtimes (the ztunnel arrangement): a multi-threaded *data-plane* runtime runs only the
 //! proxy; admin, the registry API and the handoff run on a single-threaded *control*
@@ -193,6 +194,27 @@ async fn agent(cfg: AgentConfig, data: Handle) -> anyhow::Result<()> {
     // 6. Registry API, admin, handoff socket.
     let (stop_servers, stop_servers_rx) = watch::channel(false);
     let registry_api = serve_registry(&cfg, registry.clone(), stop_servers_rx.clone())?;
+    let kube_source = if cfg.kubernetes.enabled {
+        let source_metrics = nodemesh_kube::SourceMetrics::register(&mut metrics);
+        let client = kube_client(&cfg).await?;
+        let source = nodemesh_kube::SourceConfig {
+            node_name: cfg.kubernetes.node_name.clone(),
+            kubepods_cgroup: cfg.kubepods_cgroup().to_owned(),
+            proc_path: cfg.kubernetes.proc_path.clone(),
+            retry_interval: cfg.kubernetes.retry_interval,
+        };
+        Some(tokio::spawn(nodemesh_kube::run(
+            client,
+            source,
+            registry.clone(),
+            source_metrics,
+        )))
+    } else {
+        None
+    };
+    if !cfg.control_plane.is_empty() {
+        warn!(control_plane = %cfg.control_plane, "control_plane is set, but this agent has no xDS client yet: ignored");
+    }
     let admin_state = Arc::new(AdminState {
         ready: false.into(),
         metrics,
@@ -248,6 +270,11 @@ async fn agent(cfg: AgentConfig, data: Handle) -> anyhow::Result<()> {
     // Stop taking new work: registry and admin first (a successor needs their sockets and
     // a final state file), then the accept loop.
     admin_state.ready.store(false, Ordering::Relaxed);
+    // The pod source stops with the registry API: a successor reads a final state file and
+    // takes over the watch.
+    if let Some(task) = &kube_source {
+        task.abort();
+    }
     let _ = stop_servers.send(true);
     // The registry API shuts down gracefully, which waits for clients to hang up; a client
     // that never does must not hold the agent (or its successor) hostage.
@@ -376,6 +403,24 @@ fn serve_registry(
             error!(error = %e, "registry API failed");
         }
     }))
+}
+
+/// The API server client: `kubernetes.kubeconfig`, else in-cluster / `$KUBECONFIG`.
+async fn kube_client(cfg: &AgentConfig) -> anyhow::Result<kube::Client> {
+    let config = match &cfg.kubernetes.kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("kubernetes.kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubernetes.kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no Kubernetes API configuration (in-cluster service account or $KUBECONFIG)",
+        )?,
+    };
+    info!(api_server = %config.cluster_url, node = %cfg.kubernetes.node_name, "Kubernetes pod source");
+    kube::Client::try_from(config).context("creating the Kubernetes client")
 }
 
 /// Forwards the kernel programs' aya-log records to the log.

@@ -40,7 +40,59 @@ pub struct AgentConfig {
     pub handoff: HandoffConfig,
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    #[serde(default)]
+    pub kubernetes: KubernetesConfig,
+    /// The xDS control plane (`host:port`). Reserved: the agent has no xDS client yet, so a
+    /// set address is logged and ignored (routing comes from `proxy.l7.bootstrap`).
+    #[serde(default)]
+    pub control_plane: String,
 }
+
+/// Kubernetes as the pod source (`nodemesh-kube`): the agent watches the pods of its node
+/// and the namespaces' labels and registers them itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    pub enabled: bool,
+    /// This node's name; empty: `$NODE_NAME` (the DaemonSet sets it from `spec.nodeName`).
+    pub node_name: String,
+    /// A kubeconfig file; unset: the in-cluster service account (or `$KUBECONFIG`).
+    pub kubeconfig: Option<PathBuf>,
+    /// kubelet's pod cgroup (`kubepods.slice` for the systemd driver, `kubepods` for
+    /// cgroupfs); unset: `cgroup_path`.
+    pub kubepods_cgroup: Option<PathBuf>,
+    /// The host's /proc (the pods' processes and their network namespaces).
+    pub proc_path: PathBuf,
+    /// How often pods whose containers are not found on the node yet are looked for again.
+    #[serde(with = "duration")]
+    pub retry_interval: Duration,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            node_name: String::new(),
+            kubeconfig: None,
+            kubepods_cgroup: None,
+            proc_path: "/proc".into(),
+            retry_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Environment variables that override the file (how the DaemonSet sets per-node and
+/// per-install values; an empty value is unset).
+pub const ENV_OVERRIDES: &[(&str, &str)] = &[
+    ("NODEMESH_PROXY_LISTEN", "proxy.listen"),
+    ("NODEMESH_NAMESPACE_SELECTOR", "namespace_selector"),
+    ("NODEMESH_LOG_LEVEL", "log.level"),
+    ("NODEMESH_CONTROL_PLANE", "control_plane"),
+    (
+        "NODE_NAME",
+        "kubernetes.node_name (when the file leaves it empty)",
+    ),
+];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -199,16 +251,65 @@ impl AgentConfig {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text, path)
+        Self::parse_with_env(&text, path, |k| std::env::var(k).ok())
     }
 
-    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let cfg: Self = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+    /// [`AgentConfig::parse`], then the [`ENV_OVERRIDES`] read through `env`, then checks.
+    pub fn parse_with_env(
+        text: &str,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut cfg: Self = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
             source,
         })?;
+        cfg.apply_env(path, env)?;
         cfg.validate(path)?;
         Ok(cfg)
+    }
+
+    fn apply_env(
+        &mut self,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let get = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+        if let Some(v) = get("NODEMESH_PROXY_LISTEN") {
+            self.proxy.listen = v.trim().parse().map_err(|e| ConfigError::Invalid {
+                path: path.to_owned(),
+                field: "proxy.listen",
+                reason: format!("NODEMESH_PROXY_LISTEN={v:?}: {e}"),
+            })?;
+        }
+        if let Some(v) = get("NODEMESH_NAMESPACE_SELECTOR") {
+            self.namespace_selector = v;
+        }
+        if let Some(v) = get("NODEMESH_LOG_LEVEL") {
+            self.log.level = v;
+        }
+        if let Some(v) = get("NODEMESH_CONTROL_PLANE") {
+            self.control_plane = v;
+        }
+        if self.kubernetes.node_name.is_empty()
+            && let Some(v) = get("NODE_NAME")
+        {
+            self.kubernetes.node_name = v;
+        }
+        Ok(())
+    }
+
+    /// Where kubelet's pods are: `kubernetes.kubepods_cgroup`, else `cgroup_path`.
+    pub fn kubepods_cgroup(&self) -> &Path {
+        self.kubernetes
+            .kubepods_cgroup
+            .as_deref()
+            .unwrap_or(&self.cgroup_path)
+    }
+
+    /// Parses and checks `text`, without environment overrides.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        Self::parse_with_env(text, path, |_| None)
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -240,6 +341,24 @@ impl AgentConfig {
         }
         self.selector()
             .map_err(|e| invalid("namespace_selector", e.to_string()))?;
+        if self.kubernetes.enabled {
+            if self.kubernetes.node_name.is_empty() {
+                return Err(invalid(
+                    "kubernetes.node_name",
+                    "required when kubernetes.enabled (or set NODE_NAME)".into(),
+                ));
+            }
+            if !self.kubepods_cgroup().starts_with(&self.cgroup_path) {
+                return Err(invalid(
+                    "kubernetes.kubepods_cgroup",
+                    format!(
+                        "{} must lie under cgroup_path {}, where the programs are attached",
+                        self.kubepods_cgroup().display(),
+                        self.cgroup_path.display()
+                    ),
+                ));
+            }
+        }
         if self.limits.max_pods == 0 || self.limits.max_connections == 0 {
             return Err(invalid("limits", "sizes must be positive".into()));
         }
@@ -313,5 +432,39 @@ mod tests {
         )
         .expect_err("must be rejected");
         assert!(e.to_string().contains("namespace_selector"), "{e}");
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file() {
+        let text = "cgroup_path: /sys/fs/cgroup/kubepods.slice\nkubernetes:\n  enabled: true\n";
+        let env = |k: &str| match k {
+            "NODEMESH_PROXY_LISTEN" => Some("198.18.0.7:15001".to_owned()),
+            "NODEMESH_NAMESPACE_SELECTOR" => Some("mesh=on".to_owned()),
+            "NODEMESH_LOG_LEVEL" => Some("debug".to_owned()),
+            "NODEMESH_CONTROL_PLANE" => Some(String::new()),
+            "NODE_NAME" => Some("node-a".to_owned()),
+            _ => None,
+        };
+        let cfg = AgentConfig::parse_with_env(text, Path::new("agent.yaml"), env).expect("valid");
+        assert_eq!(cfg.proxy.listen.to_string(), "198.18.0.7:15001");
+        assert_eq!(cfg.namespace_selector, "mesh=on");
+        assert_eq!(cfg.log.level, "debug");
+        assert_eq!(cfg.control_plane, "");
+        assert_eq!(cfg.kubernetes.node_name, "node-a");
+        assert_eq!(
+            cfg.kubepods_cgroup(),
+            Path::new("/sys/fs/cgroup/kubepods.slice")
+        );
+        // Kubernetes without a node name, and a bad address from the environment, are refused.
+        let e = AgentConfig::parse_with_env(text, Path::new("agent.yaml"), |k| {
+            (k == "NODEMESH_PROXY_LISTEN").then(|| "198.18.0.7:15001".to_owned())
+        })
+        .expect_err("no node name");
+        assert!(e.to_string().contains("kubernetes.node_name"), "{e}");
+        let e = AgentConfig::parse_with_env(text, Path::new("agent.yaml"), |k| {
+            (k == "NODEMESH_PROXY_LISTEN").then(|| "not-an-address".to_owned())
+        })
+        .expect_err("bad address");
+        assert!(e.to_string().contains("NODEMESH_PROXY_LISTEN"), "{e}");
     }
 }
