@@ -6,4 +6,5 @@
 
 pub mod differential;
 pub mod http;
+pub mod kubeapi;
 pub mod mesh;

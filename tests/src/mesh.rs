@@ -69,20 +69,33 @@ impl MeshNode {
     }
 
     pub fn start_with(label: &str, opts: &AgentOptions) -> anyhow::Result<Self> {
+        let mut node = Self::create(label, opts)?;
+        node.start_agent()?;
+        Ok(node)
+    }
+
+    /// The node and its agent configuration, without starting the agent (a test that must
+    /// prepare more first, e.g. a Kubernetes API for it, then calls [`MeshNode::start_agent`]).
+    pub fn create(label: &str, opts: &AgentOptions) -> anyhow::Result<Self> {
         let sim = SimNode::new(label).context("simulated node")?;
         let config = sim.work_dir().join("agent.yaml");
         std::fs::write(&config, agent_config(&sim, opts)).context("writing the agent config")?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let mut node = Self {
+        Ok(Self {
             sim,
             agent: None,
             config,
             runtime,
-        };
-        node.start_agent()?;
-        Ok(node)
+        })
+    }
+
+    /// Appends top-level YAML to the agent configuration (read at the next start).
+    pub fn append_config(&self, yaml: &str) -> anyhow::Result<()> {
+        let mut text = std::fs::read_to_string(&self.config)?;
+        text.push_str(yaml);
+        std::fs::write(&self.config, text).context("writing the agent config")
     }
 
     /// The agent's configuration file.
