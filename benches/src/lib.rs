@@ -12,5 +12,6 @@
 //! so every round measures all three under the same conditions, interleaved.
 
 pub mod http;
+pub mod namespaces;
 pub mod parts;
 pub mod paths;

@@ -7,4 +7,5 @@
 pub mod differential;
 pub mod http;
 pub mod kubeapi;
+pub mod kubelet;
 pub mod mesh;

@@ -5,113 +5,22 @@
 use std::{
     collections::BTreeMap,
     os::unix::fs::MetadataExt as _,
-    path::{Path, PathBuf},
-    process::Command,
+    path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use nodemesh_api::registry as api;
 use nodemesh_kube::discover::{self, DiscoverError, Qos};
-use nodemesh_simnode::{Pod, Process, SimNode, require_root};
+use nodemesh_simnode::{SimNode, require_root};
 use nodemesh_tests::{
     kubeapi::KubeApi,
+    kubelet::{Kubelet, Layout, Spec},
     mesh::{AgentOptions, MeshNode},
 };
 use serde_json::{Value, json};
 
 const NODE: &str = "node-a";
-
-/// Pods laid out as kubelet lays them out; dropping it kills their processes, then removes
-/// the cgroups (deepest first), before the node itself goes.
-#[derive(Default)]
-struct Kubelet {
-    procs: Vec<Process>,
-    dirs: Vec<PathBuf>,
-}
-
-impl Drop for Kubelet {
-    fn drop(&mut self) {
-        for mut p in self.procs.drain(..) {
-            let _ = p.kill();
-        }
-        for d in self.dirs.iter().rev() {
-            let _ = std::fs::remove_dir(d);
-        }
-    }
-}
-
-enum Layout {
-    Systemd,
-    Cgroupfs,
-}
-
-/// A pod as kubelet and the runtime name it: UID, QoS class, container id.
-struct Spec<'a> {
-    layout: Layout,
-    uid: &'a str,
-    qos: &'a str,
-    container: &'a str,
-}
-
-impl Kubelet {
-    /// Creates `pod`'s cgroup below `root` (the kubepods cgroup) as kubelet does for `uid`
-    /// and `qos`, a container cgroup in it as containerd does, and a process in that
-    /// container inside the pod's network namespace. Returns the pod-level cgroup.
-    fn start(
-        &mut self,
-        sim: &SimNode,
-        pod: &Pod,
-        root: &Path,
-        spec: Spec<'_>,
-    ) -> anyhow::Result<PathBuf> {
-        let Spec {
-            layout,
-            uid,
-            qos,
-            container: container_id,
-        } = spec;
-        let u = uid.replace('-', "_");
-        let q = qos.to_ascii_lowercase();
-        let (parts, container): (Vec<String>, String) = match (layout, qos) {
-            (Layout::Systemd, "Guaranteed") => (
-                vec![format!("kubepods-pod{u}.slice")],
-                format!("cri-containerd-{container_id}.scope"),
-            ),
-            (Layout::Systemd, _) => (
-                vec![
-                    format!("kubepods-{q}.slice"),
-                    format!("kubepods-{q}-pod{u}.slice"),
-                ],
-                format!("cri-containerd-{container_id}.scope"),
-            ),
-            (Layout::Cgroupfs, "Guaranteed") => (vec![format!("pod{uid}")], container_id.into()),
-            (Layout::Cgroupfs, _) => (vec![q, format!("pod{uid}")], container_id.into()),
-        };
-        let mut dir = root.to_owned();
-        for part in std::iter::once(String::new()).chain(parts) {
-            if !part.is_empty() {
-                dir = dir.join(part);
-            }
-            if !dir.exists() {
-                std::fs::create_dir(&dir).with_context(|| format!("{}", dir.display()))?;
-                self.dirs.push(dir.clone());
-            }
-        }
-        let pod_cgroup = dir.clone();
-        let container = dir.join(container);
-        std::fs::create_dir(&container)?;
-        self.dirs.push(container.clone());
-        let mut cmd = Command::new("sleep");
-        cmd.arg("300");
-        let in_container = Pod {
-            cgroup: container,
-            ..pod.clone()
-        };
-        self.procs.push(sim.spawn_in_pod(&in_container, cmd)?);
-        Ok(pod_cgroup)
-    }
-}
 
 fn inode(path: &Path) -> u64 {
     std::fs::metadata(path)

@@ -16,6 +16,8 @@ pub struct DemoOpts {
     pub bin_dir: PathBuf,
     /// Leave the simulated node running after the demo (for poking at it).
     pub keep: bool,
+    /// `basic` or `namespaces` (benches/src/namespaces.rs).
+    pub scenario: String,
 }
 
 pub fn run(opts: &DemoOpts) -> anyhow::Result<()> {
@@ -24,6 +26,7 @@ pub fn run(opts: &DemoOpts) -> anyhow::Result<()> {
     if opts.keep {
         cmd.arg("--keep");
     }
+    cmd.args(["--scenario", &opts.scenario]);
     if !opts.release {
         // Debug builds are slow on the data path; fewer round trips keep the demo short.
         cmd.args(["--iterations", "1000"]);

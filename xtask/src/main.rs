@@ -77,6 +77,9 @@ enum Cmd {
         debug: bool,
         #[arg(long)]
         skip_setup: bool,
+        /// `basic`, or `namespaces` (pods from a Kubernetes API, one namespace accelerated).
+        #[arg(long, default_value = "basic")]
+        scenario: String,
     },
     /// Every fuzz target (cargo fuzz, nightly) for a bounded time each.
     Fuzz {
@@ -158,6 +161,7 @@ fn run(cmd: Cmd, steps: &mut Steps) -> anyhow::Result<()> {
             keep,
             debug,
             skip_setup,
+            scenario,
         } => {
             setup(steps, skip_setup)?;
             let release = !debug;
@@ -166,6 +170,7 @@ fn run(cmd: Cmd, steps: &mut Steps) -> anyhow::Result<()> {
                 release,
                 bin_dir: ws.bin_dir(release),
                 keep,
+                scenario,
             };
             steps.run("demo", "a simulated node, end to end", || demo::run(&opts))
         }

@@ -17,12 +17,22 @@ struct Args {
     /// Round trips per latency measurement.
     #[arg(long, default_value_t = 5000)]
     iterations: usize,
+    /// `basic`: three pods, two namespaces, flows, latency and counters. `namespaces`: pods
+    /// from a Kubernetes API, one namespace accelerated and one not, then swapped
+    /// (`nodemesh_benches::namespaces`).
+    #[arg(long, default_value = "basic")]
+    scenario: String,
 }
 
 const T: Duration = Duration::from_secs(120);
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    match args.scenario.as_str() {
+        "basic" => {}
+        "namespaces" => return nodemesh_benches::namespaces::run(),
+        other => bail!("unknown scenario {other:?}: basic or namespaces"),
+    }
     println!("== nodemesh demo: one node, three pods, two namespaces\n");
     let mut node = MeshNode::start_with(
         "demo",
