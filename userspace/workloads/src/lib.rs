@@ -6,8 +6,8 @@
 //! the registry's state file, and its gRPC API on a unix socket ([`api`]).
 //!
 //! Must not: touch the data path's connections (it only publishes an immutable
-//! [`registry::PodTable`] the proxy reads), or call into Kubernetes (a watcher, when there is
-//! one, is just another client of [`registry::Registry`]).
+//! [`registry::PodTable`] the proxy reads), or call into Kubernetes (the Kubernetes pod
+//! source, `nodemesh-kube`, is just another caller of [`registry::Registry`]).
 
 pub mod api;
 mod error;
