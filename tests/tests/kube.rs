@@ -16,7 +16,7 @@ use nodemesh_simnode::{SimNode, require_root};
 use nodemesh_tests::{
     kubeapi::KubeApi,
     kubelet::{Kubelet, Layout, Spec},
-    mesh::{AgentOptions, MeshNode},
+    mesh::{AgentOptions, MeshNode, metric},
 };
 use serde_json::{Value, json};
 
@@ -319,6 +319,39 @@ fn the_agent_follows_the_node_pods_and_namespace_labels_from_the_api() -> anyhow
         batch_cg
     );
     assert!(!p[BATCH].enabled, "shop is unlabeled now");
+
+    // Bad input from the API: a UID that would climb out of the kubepods cgroup is refused,
+    // logged and counted, and nothing else changes.
+    let mut evil = with_ip(named(&pods, "web-7d9f8b6c5-x2kqp"), "198.18.0.200");
+    evil["metadata"]["name"] = json!("evil");
+    evil["metadata"]["uid"] = json!("../../../../sys/fs/cgroup");
+    api.apply("pods", evil);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(
+        &node.metrics()?,
+        "nodemesh_kube_errors_total",
+        &[("reason", "bad_object")],
+    ) < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the bad pod was not counted:\n{}",
+            node.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !node
+            .list_pods()?
+            .pods
+            .iter()
+            .any(|s| s.pod.as_ref().is_some_and(|p| p.name == "evil"))
+    );
+    assert!(
+        node.agent_log().contains("not a UID"),
+        "no log line names the problem"
+    );
+    api.delete("pods", "shop/evil");
 
     // Pod deleted: its map entry goes.
     api.delete("pods", DB);
