@@ -21,6 +21,7 @@ use nodemesh_tests::{
 use serde_json::{Value, json};
 
 const NODE: &str = "node-a";
+const PORT: u16 = 8080;
 
 fn inode(path: &Path) -> u64 {
     std::fs::metadata(path)
@@ -279,6 +280,60 @@ fn the_agent_follows_the_node_pods_and_namespace_labels_from_the_api() -> anyhow
     api.wait_watchers("pods", 1, Duration::from_secs(10))?;
     api.wait_watchers("namespaces", 1, Duration::from_secs(10))?;
 
+    // Restart (handoff) under a live connection of the meshed pod: the new agent restores
+    // its state, relists, finds nothing to change (same ids, same map entries), and the
+    // connection carries on through the node proxy.
+    let _echo = node.serve(&db, PORT, &["--mode", "echo"])?;
+    let dst = format!("{}:{PORT}", db.ip);
+    let mut live = node.spawn_podapp(
+        &web,
+        &[
+            "rr",
+            "--connect",
+            &dst,
+            "--iterations",
+            "300",
+            "--warmup",
+            "0",
+            "--interval-ms",
+            "10",
+        ],
+    )?;
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        node.status()?.proxy.active_connections,
+        1,
+        "web's connection is not proxied"
+    );
+    let lists = |api: &KubeApi| {
+        api.requests()
+            .iter()
+            .filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch=true"))
+            .count()
+    };
+    let (ids_before, cookies_before, lists_before) = (
+        wait_for(&node, "steady", |_| true)?,
+        map_cookies(&node)?,
+        lists(&api),
+    );
+    node.start_agent()?;
+    let after = wait_for(&node, "the new agent listed the pods again", |_| {
+        lists(&api) > lists_before
+    })?;
+    api.wait_watchers("pods", 1, Duration::from_secs(10))?;
+    for (k, s) in &ids_before {
+        assert_eq!(after[k].pod_id, s.pod_id, "{k} got a new id");
+        assert_eq!(after[k].enabled, s.enabled, "{k}");
+    }
+    assert_eq!(after.len(), ids_before.len());
+    assert_eq!(map_cookies(&node)?, cookies_before);
+    let done = live.wait_timeout(Duration::from_secs(60))?;
+    assert!(
+        done.success(),
+        "the live connection broke across the restart: {}",
+        live.stdout_text()
+    );
+
     // Label store: db joins. Unlabel shop: web leaves. New connections only; the map says so.
     let mut store = named(&namespaces, "store");
     store["metadata"]["labels"]["nodemesh.io/acceleration"] = json!("enabled");
@@ -361,17 +416,7 @@ fn the_agent_follows_the_node_pods_and_namespace_labels_from_the_api() -> anyhow
         "db's map entry is still there"
     );
 
-    // Restart with a handoff: the new agent relists; nothing changes, pod ids stay.
     let before = wait_for(&node, "steady", |_| true)?;
-    node.start_agent()?;
-    api.wait_watchers("pods", 1, Duration::from_secs(10))?;
-    let after = wait_for(&node, "same pods after restart", |p| {
-        p.len() == before.len()
-    })?;
-    for (k, s) in &before {
-        assert_eq!(after[k].pod_id, s.pod_id, "{k} got a new id");
-        assert_eq!(after[k].enabled, s.enabled, "{k}");
-    }
 
     // Changes while no agent runs are reconciled from the list at the next start.
     node.stop_agent()?;
