@@ -415,3 +415,61 @@ fn same_pod(current: &PodSpec, new: &PodSpec) -> bool {
             ..current.clone()
         } == *new
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "status": status,
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn addresses_come_from_pod_ips_then_pod_ip() {
+        let both = pod(serde_json::json!({
+            "podIP": "198.18.0.2",
+            "podIPs": [{"ip": "198.18.0.2"}, {"ip": "2001:db8::2"}],
+        }));
+        assert_eq!(pod_ips(&both), ["198.18.0.2", "2001:db8::2"]);
+        let old_style = pod(serde_json::json!({"podIP": "198.18.0.3"}));
+        assert_eq!(pod_ips(&old_style), ["198.18.0.3"]);
+        assert!(pod_ips(&pod(serde_json::json!({"phase": "Pending"}))).is_empty());
+        assert_eq!(key_of(&both), Some(("shop".into(), "web".into())));
+    }
+
+    #[test]
+    fn a_pod_is_the_same_unless_something_but_a_live_netns_path_changed() {
+        let spec = PodSpec {
+            name: "web".into(),
+            namespace: "shop".into(),
+            labels: [("app".to_owned(), "web".to_owned())].into(),
+            ips: vec!["198.18.0.2".parse().expect("ip")],
+            netns_path: "/proc/self/ns/net".into(),
+            cgroup_path: "/sys/fs/cgroup/kubepods.slice/x".into(),
+            service_account: "web".into(),
+            workload: String::new(),
+        };
+        let other_process = PodSpec {
+            netns_path: "/proc/1/ns/net".into(),
+            ..spec.clone()
+        };
+        assert!(same_pod(&spec, &spec));
+        // The registered path still names a live process: same namespace, nothing to do.
+        assert!(same_pod(&spec, &other_process));
+        // The registered process is gone: register again with the new one.
+        let gone = PodSpec {
+            netns_path: "/proc/nonexistent/ns/net".into(),
+            ..spec.clone()
+        };
+        assert!(!same_pod(&gone, &spec));
+        let relabelled = PodSpec {
+            labels: [("app".to_owned(), "api".to_owned())].into(),
+            ..spec.clone()
+        };
+        assert!(!same_pod(&spec, &relabelled));
+    }
+}
