@@ -271,6 +271,18 @@ fn the_agent_follows_the_node_pods_and_namespace_labels_from_the_api() -> anyhow
         "hostNetwork pod registered"
     );
     assert_eq!(map_cookies(&node)?, [w.netns_cookie]);
+    // `nodemesh status` names the pod source; the pending pod is counted there.
+    let source = node
+        .status()?
+        .kubernetes
+        .context("status shows no Kubernetes source")?;
+    assert_eq!(source.node_name, NODE);
+    assert!(
+        source.api_server.starts_with(&api.url()),
+        "{}",
+        source.api_server
+    );
+    assert_eq!(source.pending_pods, 1, "batch has no address yet");
     let requests = api.requests();
     assert!(
         requests.iter().any(|r| r.starts_with("GET /api/v1/pods?")

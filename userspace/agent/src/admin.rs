@@ -53,6 +53,8 @@ pub struct AdminState {
     /// The L7 proxy, when `proxy.l7` is configured.
     pub l7: Option<Arc<nodemesh_http::Engine>>,
     pub proxy_listen: std::net::SocketAddr,
+    /// The Kubernetes pod source: node name, API server, its metrics.
+    pub kubernetes: Option<(String, String, nodemesh_kube::SourceMetrics)>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -111,6 +113,13 @@ impl AdminState {
                 listen: self.proxy_listen.to_string(),
                 active_connections: self.outbound.active_connections(),
             },
+            kubernetes: self.kubernetes.as_ref().map(|(node, api, metrics)| {
+                status::KubernetesSummary {
+                    node_name: node.clone(),
+                    api_server: api.clone(),
+                    pending_pods: metrics.pending_pods(),
+                }
+            }),
         }
     }
 }

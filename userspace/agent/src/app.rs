@@ -194,9 +194,15 @@ async fn agent(cfg: AgentConfig, data: Handle) -> anyhow::Result<()> {
     // 6. Registry API, admin, handoff socket.
     let (stop_servers, stop_servers_rx) = watch::channel(false);
     let registry_api = serve_registry(&cfg, registry.clone(), stop_servers_rx.clone())?;
+    let mut kube_summary = None;
     let kube_source = if cfg.kubernetes.enabled {
         let source_metrics = nodemesh_kube::SourceMetrics::register(&mut metrics);
-        let client = kube_client(&cfg).await?;
+        let (client, api_server) = kube_client(&cfg).await?;
+        kube_summary = Some((
+            cfg.kubernetes.node_name.clone(),
+            api_server,
+            source_metrics.clone(),
+        ));
         let source = nodemesh_kube::SourceConfig {
             node_name: cfg.kubernetes.node_name.clone(),
             kubepods_cgroup: cfg.kubepods_cgroup().to_owned(),
@@ -227,6 +233,7 @@ async fn agent(cfg: AgentConfig, data: Handle) -> anyhow::Result<()> {
         outbound: outbound.clone(),
         l7,
         proxy_listen: cfg.proxy.listen,
+        kubernetes: kube_summary,
     });
     let admin_tcp = bind_admin_tcp(&cfg).await?;
     let admin_unix = bind_unix(&cfg.admin_socket())?;
@@ -406,7 +413,7 @@ fn serve_registry(
 }
 
 /// The API server client: `kubernetes.kubeconfig`, else in-cluster / `$KUBECONFIG`.
-async fn kube_client(cfg: &AgentConfig) -> anyhow::Result<kube::Client> {
+async fn kube_client(cfg: &AgentConfig) -> anyhow::Result<(kube::Client, String)> {
     let config = match &cfg.kubernetes.kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)
@@ -419,8 +426,10 @@ async fn kube_client(cfg: &AgentConfig) -> anyhow::Result<kube::Client> {
             "no Kubernetes API configuration (in-cluster service account or $KUBECONFIG)",
         )?,
     };
-    info!(api_server = %config.cluster_url, node = %cfg.kubernetes.node_name, "Kubernetes pod source");
-    kube::Client::try_from(config).context("creating the Kubernetes client")
+    let api_server = config.cluster_url.to_string();
+    info!(%api_server, node = %cfg.kubernetes.node_name, "Kubernetes pod source");
+    let client = kube::Client::try_from(config).context("creating the Kubernetes client")?;
+    Ok((client, api_server))
 }
 
 /// Forwards the kernel programs' aya-log records to the log.

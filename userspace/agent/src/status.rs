@@ -12,6 +12,18 @@ pub struct Status {
     pub maps: Option<nodemesh_loader::maps::MapSizes>,
     pub pods: Vec<PodSummary>,
     pub proxy: ProxySummary,
+    /// Where the pods come from: `None` for the registry API only, else Kubernetes.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesSummary>,
+}
+
+/// The Kubernetes pod source, when `kubernetes.enabled`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KubernetesSummary {
+    pub node_name: String,
+    pub api_server: String,
+    /// Pods of this node not found on the node yet (containers starting, or refused).
+    pub pending_pods: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -93,6 +93,11 @@ impl SourceMetrics {
         m
     }
 
+    /// Pods of this node waiting to be found on the node.
+    pub fn pending_pods(&self) -> i64 {
+        self.pending.get()
+    }
+
     fn event(&self, kind: &'static str, event: &'static str) {
         self.events
             .get_or_create(&EventLabels { kind, event })

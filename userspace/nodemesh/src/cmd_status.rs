@@ -126,6 +126,18 @@ fn render(s: &Status) -> String {
         "proxy: {} active connections on {}",
         s.proxy.active_connections, s.proxy.listen
     );
+    match &s.kubernetes {
+        Some(k) => {
+            let _ = writeln!(
+                out,
+                "pod source: Kubernetes, node {} via {} ({} pods not found on the node yet)",
+                k.node_name, k.api_server, k.pending_pods
+            );
+        }
+        None => {
+            let _ = writeln!(out, "pod source: the registry API");
+        }
+    }
     let enabled = s.pods.iter().filter(|p| p.enabled).count();
     let _ = writeln!(
         out,
