@@ -184,7 +184,7 @@ fn wait_enabled(node: &MeshNode, ns: &str) -> anyhow::Result<()> {
 
 fn print_pods(node: &MeshNode) -> anyhow::Result<()> {
     println!(
-        "\n{:<8} {:<14} {:<12} {:<10} {:<8} cgroup (as kubelet names it)",
+        "\n{:<8} {:<14} {:<12} {:<14} {:<5} cgroup (as kubelet names it)",
         "ns", "pod", "ip", "identity", "mesh"
     );
     for s in node.list_pods()?.pods {
@@ -247,7 +247,7 @@ fn flow(node: &MeshNode, from: &Pod, to: &Pod, meshed: bool) -> anyhow::Result<(
     println!(
         "{:<38} {:>5} {:>20} {:>21} {:>18}",
         format!("{}/{} -> {}", from.namespace, from.name, to.name),
-        report["ok"],
+        report["ok"].as_u64().unwrap_or(0),
         after.0 - before.0,
         after.1 - before.1,
         after.2 - before.2
