@@ -116,6 +116,29 @@ impl KubeApi {
         notify(&mut st, kind, event, &obj);
     }
 
+    /// Changes an object without telling the watchers: a change made while they were not
+    /// listening (what a relist must catch).
+    pub fn apply_unseen(&self, kind: &'static str, mut obj: Value) {
+        let mut st = self.state.lock().expect("fixture state");
+        st.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        let key = key_of(kind, &obj);
+        st.objects.entry(kind).or_default().insert(key, obj);
+    }
+
+    /// Ends every watch with the API server's `410 Gone` error event (what a client sees
+    /// when its resourceVersion was compacted away): the client must list again.
+    pub fn expire_watches(&self) {
+        let mut st = self.state.lock().expect("fixture state");
+        let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+            "metadata": {}, "status": "Failure", "reason": "Expired", "code": 410,
+            "message": "too old resource version: 1 (2)"}});
+        let line = Bytes::from(format!("{gone}\n"));
+        for (_, tx) in st.watchers.drain(..) {
+            let _ = tx.send(line.clone());
+        }
+    }
+
     /// Removes an object; watchers get DELETED.
     pub fn delete(&self, kind: &'static str, key: &str) {
         let mut st = self.state.lock().expect("fixture state");

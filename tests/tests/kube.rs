@@ -448,6 +448,33 @@ fn the_agent_follows_the_node_pods_and_namespace_labels_from_the_api() -> anyhow
         "no watcher metrics"
     );
 
+    // The watches expire (410 Gone) while shop loses its label unseen: the agent lists
+    // again and reconciles, then keeps following the new watches.
+    let lists_before = lists(&api);
+    let mut shop = named(&namespaces, "shop");
+    shop["metadata"]["labels"]
+        .as_object_mut()
+        .expect("labels")
+        .remove("nodemesh.io/acceleration");
+    api.apply_unseen("namespaces", shop);
+    api.expire_watches();
+    wait_for(&node, "relisted after 410", |p| {
+        p.get(WEB).is_some_and(|s| !s.enabled)
+    })?;
+    assert!(map_cookies(&node)?.is_empty());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lists(&api) <= lists_before {
+        assert!(Instant::now() < deadline, "the pods were not listed again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    api.wait_watchers("namespaces", 1, Duration::from_secs(10))?;
+    let mut shop = named(&namespaces, "shop");
+    shop["metadata"]["labels"]["nodemesh.io/acceleration"] = json!("enabled");
+    api.apply("namespaces", shop);
+    wait_for(&node, "following the new watch", |p| {
+        p.get(WEB).is_some_and(|s| s.enabled)
+    })?;
+
     drop(api);
     node.stop_agent()?;
     drop(kubelet);
