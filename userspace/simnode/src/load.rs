@@ -31,7 +31,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 /// Which protocol the load speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Http1,
