@@ -9,11 +9,11 @@
 //!
 //! - **Fixed rate** (`rate > 0`): request *i* of a connection is due at
 //!   `start + i / (rate / connections)`. HTTP/1.1 sends one request at a time per
-//!   connection, and a request's latency counts from when it was due or, if the previous
-//!   response came later, from that response: a stalled connection counts every request it
-//!   delayed (no coordinated omission). What is never counted is the generator's own timer
-//!   firing late (tokio's timers have millisecond granularity, which would otherwise add up
-//!   to a millisecond of noise to every request of every scenario). h2c and gRPC start each
+//!   connection; a request that the previous response held past its due time counts from
+//!   that due time, so a stalled connection counts every request it delayed (no
+//!   coordinated omission). Any other request counts from its send: the generator's own
+//!   timer firing late is not latency (tokio's timers have millisecond granularity, which
+//!   would otherwise add a millisecond of noise to every request of every scenario). h2c and gRPC start each
 //!   request at its due time on the shared connection, and count from the send.
 //! - **Closed loop** (`rate == 0`): each connection sends its next request when the
 //!   previous one is answered; the result is the maximum throughput.
