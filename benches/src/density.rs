@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::{
     envoy,
     http::{HttpBench, PORT, process_cpu_seconds},
-    scenarios::rss_kib,
+    scenarios::{anon_rss_kib, rss_kib},
 };
 
 #[derive(Debug, Clone, Serialize)]
@@ -24,6 +24,8 @@ pub struct Point {
     pub sidecars_rss_mib: f64,
     pub sidecars_idle_cpu_percent: f64,
     pub nodemesh_rss_mib: f64,
+    /// Of which anonymous (heap, stacks): the rest is the binary's shareable text.
+    pub nodemesh_anon_mib: f64,
     pub nodemesh_idle_cpu_percent: f64,
 }
 
@@ -69,6 +71,7 @@ pub fn run(ks: &[usize], quick: bool) -> anyhow::Result<Vec<Point>> {
             sidecars_rss_mib: rss(&pids)?,
             sidecars_idle_cpu_percent: 100.0 * (s1 - s0) / quiet.as_secs_f64(),
             nodemesh_rss_mib: rss(&[agent])?,
+            nodemesh_anon_mib: anon_rss_kib(agent)? as f64 / 1024.0,
             nodemesh_idle_cpu_percent: 100.0 * (n1 - n0) / quiet.as_secs_f64(),
         };
         eprintln!(
@@ -86,16 +89,17 @@ pub fn run(ks: &[usize], quick: bool) -> anyhow::Result<Vec<Point>> {
 pub fn markdown(points: &[Point]) -> String {
     let mut s = String::from(
         "Density: K idle pods, a sidecar each, against one nodemesh agent (L7 on) serving them.\n\n\
-         | pods | sidecars RSS (MiB) | sidecars idle CPU (%) | nodemesh RSS (MiB) | nodemesh idle CPU (%) | memory ratio |\n\
-         |---:|---:|---:|---:|---:|---:|\n",
+         | pods | sidecars RSS (MiB) | sidecars idle CPU (%) | nodemesh RSS (MiB) | of which anonymous | nodemesh idle CPU (%) | memory ratio |\n\
+         |---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for p in points {
         s.push_str(&format!(
-            "| {} | {:.0} | {:.2} | {:.1} | {:.2} | {:.3} |\n",
+            "| {} | {:.0} | {:.2} | {:.1} | {:.1} | {:.2} | {:.3} |\n",
             p.pods,
             p.sidecars_rss_mib,
             p.sidecars_idle_cpu_percent,
             p.nodemesh_rss_mib,
+            p.nodemesh_anon_mib,
             p.nodemesh_idle_cpu_percent,
             p.nodemesh_rss_mib / p.sidecars_rss_mib.max(f64::MIN_POSITIVE)
         ));

@@ -224,12 +224,22 @@ impl Comparison {
 
 /// Resident memory of a process, KiB (`VmRSS`).
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// The anonymous part of a process's resident memory (heap, stacks), without the binary's
+/// file-backed pages, which the kernel can drop and share: KiB.
+pub fn anon_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    status_kib(pid, "RssAnon:")
+}
+
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no VmRSS for pid {pid}"))
+        .with_context(|| format!("no {field} for pid {pid}"))
 }
 
 /// Sleeps a little so counters and sockets settle between runs.
