@@ -11,7 +11,12 @@
 //! The paths are switched at run time on the same node (namespace label, sockmap switch),
 //! so every round measures all three under the same conditions, interleaved.
 
+pub mod density;
+pub mod envoy;
+pub mod growth;
 pub mod http;
 pub mod namespaces;
 pub mod parts;
 pub mod paths;
+pub mod scenarios;
+pub mod svg;

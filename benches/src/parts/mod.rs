@@ -1,6 +1,7 @@
 //! The parts of `cargo xtask bench`, each runnable alone (`--part NAME`), each writing
 //! `<out-dir>/<name>.json` and `<name>.md`.
 pub mod http;
+pub mod sidecars;
 pub mod tcp;
 pub mod tenants;
 

@@ -314,7 +314,7 @@ fn cross_check(s: &Snapshot, diags: &mut Diagnostics) {
         ClusterTarget::Header(_) => {}
     };
     let routes = |rc: &RouteConfig, diags: &mut Diagnostics| {
-        for vh in &rc.virtual_hosts {
+        for vh in rc.virtual_hosts() {
             for (i, r) in vh.routes.iter().enumerate() {
                 if let RouteAction::Forward(f) = &r.action {
                     let at = format!(
@@ -951,19 +951,20 @@ impl Cx {
         for vh in &rc.virtual_hosts {
             vhosts.push(self.virtual_host(vh, &format!("{at}.virtual_hosts[{}]", vh.name))?);
         }
-        Some(RouteConfig {
-            name: rc.name.clone(),
-            virtual_hosts: vhosts,
-            headers: mutations(
-                &rc.request_headers_to_add,
-                &rc.request_headers_to_remove,
-                &rc.response_headers_to_add,
-                &rc.response_headers_to_remove,
-                at,
-                &mut self.diags,
-            ),
-            ignore_port_in_host_matching: rc.ignore_port_in_host_matching,
-        })
+        let headers = mutations(
+            &rc.request_headers_to_add,
+            &rc.request_headers_to_remove,
+            &rc.response_headers_to_add,
+            &rc.response_headers_to_remove,
+            at,
+            &mut self.diags,
+        );
+        Some(RouteConfig::new(
+            rc.name.clone(),
+            vhosts,
+            headers,
+            rc.ignore_port_in_host_matching,
+        ))
     }
 
     fn virtual_host(&mut self, vh: &route::VirtualHost, at: &str) -> Option<VirtualHost> {
@@ -1806,7 +1807,7 @@ static_resources:
         let RouteSource::Inline(rc) = &h.routes else {
             panic!("inline")
         };
-        let RouteAction::Forward(f) = &rc.virtual_hosts[0].routes[0].action else {
+        let RouteAction::Forward(f) = &rc.virtual_hosts()[0].routes[0].action else {
             panic!("forward")
         };
         assert_eq!(f.timeout, Some(Duration::from_secs(15)));

@@ -183,12 +183,101 @@ impl Default for Http2Settings {
 }
 
 /// `envoy.config.route.v3.RouteConfiguration`.
+///
+/// Built with [`RouteConfig::new`], which indexes the virtual hosts' domains: a mesh's
+/// outbound route configuration has a virtual host per service (istiod gives each several
+/// domains), and selecting one must not cost a scan of all of them per request.
 #[derive(Debug)]
 pub struct RouteConfig {
     pub name: String,
-    pub virtual_hosts: Vec<VirtualHost>,
+    virtual_hosts: Vec<VirtualHost>,
+    domains: DomainIndex,
     pub headers: HeaderMutations,
     pub ignore_port_in_host_matching: bool,
+}
+
+impl RouteConfig {
+    pub fn new(
+        name: String,
+        virtual_hosts: Vec<VirtualHost>,
+        headers: HeaderMutations,
+        ignore_port_in_host_matching: bool,
+    ) -> Self {
+        let domains = DomainIndex::new(&virtual_hosts);
+        Self {
+            name,
+            virtual_hosts,
+            domains,
+            headers,
+            ignore_port_in_host_matching,
+        }
+    }
+
+    pub fn virtual_hosts(&self) -> &[VirtualHost] {
+        &self.virtual_hosts
+    }
+
+    /// The virtual host whose domains best match `host` (already lower-cased), by Envoy's
+    /// precedence: exact, then the longest `*.suffix`, then the longest `prefix.*`, then `*`;
+    /// at equal rank and length the first in the configuration.
+    pub fn best_domain(&self, host: &str) -> Option<&VirtualHost> {
+        self.domains.best(host).map(|i| &self.virtual_hosts[i])
+    }
+}
+
+/// The domains of a route configuration's virtual hosts, by kind: exact ones hashed, wildcards
+/// longest first (a stable sort keeps the configuration's order at equal length), so a lookup
+/// costs one hash and a walk of the wildcards only.
+#[derive(Debug, Default)]
+struct DomainIndex {
+    exact: HashMap<String, usize>,
+    suffixes: Vec<(String, usize)>,
+    prefixes: Vec<(String, usize)>,
+    any: Option<usize>,
+}
+
+impl DomainIndex {
+    fn new(virtual_hosts: &[VirtualHost]) -> Self {
+        let mut index = Self::default();
+        for (i, vh) in virtual_hosts.iter().enumerate() {
+            for domain in &vh.domains {
+                match domain {
+                    DomainMatch::Exact(d) => {
+                        index.exact.entry(d.clone()).or_insert(i);
+                    }
+                    DomainMatch::Suffix(s) => index.suffixes.push((s.clone(), i)),
+                    DomainMatch::Prefix(p) => index.prefixes.push((p.clone(), i)),
+                    DomainMatch::Any => {
+                        index.any.get_or_insert(i);
+                    }
+                }
+            }
+        }
+        index
+            .suffixes
+            .sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        index
+            .prefixes
+            .sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        index
+    }
+
+    fn best(&self, host: &str) -> Option<usize> {
+        if let Some(&i) = self.exact.get(host) {
+            return Some(i);
+        }
+        // A wildcard matches at least one character.
+        let suffix = self
+            .suffixes
+            .iter()
+            .find(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str()));
+        let prefix = || {
+            self.prefixes
+                .iter()
+                .find(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str()))
+        };
+        suffix.or_else(prefix).map(|&(_, i)| i).or(self.any)
+    }
 }
 
 /// Request and response header changes at one level (route config, virtual host, route,

@@ -7,10 +7,11 @@
 //! then the longest `prefix.*`, then `*`; the host is lower-cased, a port must match unless
 //! the route configuration ignores ports), then the first route of that host whose path,
 //! headers, query parameters and gRPC condition all match.
+use std::borrow::Cow;
+
 use http::HeaderMap;
 use nodemesh_config::model::{
-    ClusterTarget, DomainMatch, PathMatch, Route, RouteConfig, RouteMatch, VirtualHost,
-    WeightedTarget,
+    ClusterTarget, PathMatch, Route, RouteConfig, RouteMatch, VirtualHost, WeightedTarget,
 };
 
 /// What the router needs to know about a request to select a route.
@@ -52,12 +53,17 @@ pub fn select<'a>(config: &'a RouteConfig, req: &RequestView<'_>) -> Option<Sele
 
 /// The virtual host for `host`.
 pub fn virtual_host<'a>(config: &'a RouteConfig, host: &str) -> Option<&'a VirtualHost> {
-    let host = host.to_ascii_lowercase();
-    let by_host = best_domain(config, &host);
+    // Hosts arrive lower-cased nearly always; only allocate for the rest.
+    let host: Cow<'_, str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    };
+    let by_host = config.best_domain(&host);
     if by_host.is_some() || !config.ignore_port_in_host_matching {
         return by_host;
     }
-    best_domain(config, strip_port(&host))
+    config.best_domain(strip_port(&host))
 }
 
 /// `host` without a trailing `:port` (IPv6 literals keep their brackets).
@@ -76,33 +82,6 @@ pub fn strip_port(host: &str) -> &str {
         }
         _ => host,
     }
-}
-
-/// The best virtual host for an already lower-cased host, by Envoy's precedence.
-fn best_domain<'a>(config: &'a RouteConfig, host: &str) -> Option<&'a VirtualHost> {
-    // Rank: 3 exact, 2 suffix, 1 prefix, 0 any; within a rank the longest pattern wins and,
-    // at equal length, the first host in the configuration.
-    let mut best: Option<((u8, usize), &VirtualHost)> = None;
-    for vh in &config.virtual_hosts {
-        for domain in &vh.domains {
-            let rank = match domain {
-                DomainMatch::Exact(d) if d == host => (3, d.len()),
-                // The wildcard matches at least one character.
-                DomainMatch::Suffix(s) if host.len() > s.len() && host.ends_with(s.as_str()) => {
-                    (2, s.len())
-                }
-                DomainMatch::Prefix(p) if host.len() > p.len() && host.starts_with(p.as_str()) => {
-                    (1, p.len())
-                }
-                DomainMatch::Any => (0, 0),
-                _ => continue,
-            };
-            if best.is_none_or(|(r, _)| rank > r) {
-                best = Some((rank, vh));
-            }
-        }
-    }
-    best.map(|(_, vh)| vh)
 }
 
 /// Whether `m` matches the request.
@@ -213,7 +192,7 @@ pub fn pick_cluster<'a>(
 mod tests {
     use nodemesh_config::{
         matcher::{HeaderMatcher, HeaderRule, QueryMatcher, StringMatcher},
-        model::{HeaderMutations, RouteAction},
+        model::{DomainMatch, HeaderMutations, RouteAction},
     };
 
     use super::*;
@@ -253,12 +232,12 @@ mod tests {
     }
 
     fn config(virtual_hosts: Vec<VirtualHost>) -> RouteConfig {
-        RouteConfig {
-            name: "rc".into(),
+        RouteConfig::new(
+            "rc".into(),
             virtual_hosts,
-            headers: HeaderMutations::default(),
-            ignore_port_in_host_matching: false,
-        }
+            HeaderMutations::default(),
+            false,
+        )
     }
 
     fn host_of(rc: &RouteConfig, host: &str) -> Option<String> {
@@ -298,12 +277,104 @@ mod tests {
         );
         // A port must match unless ports are ignored.
         assert_eq!(host_of(&rc, "www.example.com:80").as_deref(), Some("any"));
-        let mut rc = rc;
-        rc.virtual_hosts.remove(2);
-        rc.virtual_hosts.remove(0);
-        assert_eq!(host_of(&rc, "www.example.com:80"), None);
-        rc.ignore_port_in_host_matching = true;
-        assert_eq!(host_of(&rc, "www.example.com:80").as_deref(), Some("exact"));
+        let without_catch_alls = |ignore_port| {
+            let vhosts = vec![
+                vhost("prefix", vec![DomainMatch::Prefix("api.".into())], vec![]),
+                vhost(
+                    "suffix",
+                    vec![DomainMatch::Suffix(".example.com".into())],
+                    vec![],
+                ),
+                vhost(
+                    "exact",
+                    vec![DomainMatch::Exact("www.example.com".into())],
+                    vec![],
+                ),
+            ];
+            RouteConfig::new("rc".into(), vhosts, HeaderMutations::default(), ignore_port)
+        };
+        assert_eq!(
+            host_of(&without_catch_alls(false), "www.example.com:80"),
+            None
+        );
+        assert_eq!(
+            host_of(&without_catch_alls(true), "www.example.com:80").as_deref(),
+            Some("exact")
+        );
+    }
+
+    /// Envoy's precedence written as plainly as possible: every domain of every virtual host
+    /// ranked, the best kept, the first at a tie.
+    fn reference<'a>(rc: &'a RouteConfig, host: &str) -> Option<&'a str> {
+        let mut best: Option<((u8, usize), &str)> = None;
+        for vh in rc.virtual_hosts() {
+            for domain in &vh.domains {
+                let rank = match domain {
+                    DomainMatch::Exact(d) if d == host => (3, d.len()),
+                    DomainMatch::Suffix(s)
+                        if host.len() > s.len() && host.ends_with(s.as_str()) =>
+                    {
+                        (2, s.len())
+                    }
+                    DomainMatch::Prefix(p)
+                        if host.len() > p.len() && host.starts_with(p.as_str()) =>
+                    {
+                        (1, p.len())
+                    }
+                    DomainMatch::Any => (0, 0),
+                    _ => continue,
+                };
+                if best.is_none_or(|(r, _)| rank > r) {
+                    best = Some((rank, vh.name.as_str()));
+                }
+            }
+        }
+        best.map(|(_, name)| name)
+    }
+
+    #[test]
+    fn the_domain_index_agrees_with_a_scan_of_every_domain() {
+        // Overlapping exact names, suffixes and prefixes of every length, duplicates across
+        // virtual hosts (the first must win), with and without a catch-all.
+        let labels = ["a", "b", "ab", "svc", "ns"];
+        let mut rng = fastrand::Rng::with_seed(7);
+        for round in 0..200 {
+            let vhosts = (0..rng.usize(1..12))
+                .map(|v| {
+                    let domains = (0..rng.usize(1..4))
+                        .map(|_| {
+                            let name = (0..rng.usize(1..4))
+                                .map(|_| labels[rng.usize(..labels.len())])
+                                .collect::<Vec<_>>()
+                                .join(".");
+                            match rng.u8(..10) {
+                                0..=4 => DomainMatch::Exact(name),
+                                5..=6 => DomainMatch::Suffix(format!(".{name}")),
+                                7..=8 => DomainMatch::Prefix(format!("{name}.")),
+                                _ => DomainMatch::Any,
+                            }
+                        })
+                        .collect();
+                    vhost(&format!("vh{v}"), domains, vec![])
+                })
+                .collect();
+            let rc = config(vhosts);
+            for _ in 0..50 {
+                let host = (0..rng.usize(1..5))
+                    .map(|_| labels[rng.usize(..labels.len())])
+                    .collect::<Vec<_>>()
+                    .join(".");
+                assert_eq!(
+                    rc.best_domain(&host).map(|vh| vh.name.as_str()),
+                    reference(&rc, &host),
+                    "round {round}, host {host:?}, config {:?}",
+                    rc.virtual_hosts()
+                        .iter()
+                        .map(|vh| &vh.domains)
+                        .collect::<Vec<_>>()
+                );
+            }
+        }
     }
 
     #[test]

@@ -8,10 +8,13 @@
 //! other pod applications. The rules are the usual ones:
 //!
 //! - **Fixed rate** (`rate > 0`): request *i* of a connection is due at
-//!   `start + i / (rate / connections)`; its latency is measured from when it was due, not
-//!   from when it was sent, so a stalled connection counts every request it delayed
-//!   (no coordinated omission). HTTP/1.1 sends one request at a time per connection;
-//!   h2c and gRPC start each request at its due time on the shared connection.
+//!   `start + i / (rate / connections)`. HTTP/1.1 sends one request at a time per
+//!   connection; a request that the previous response held past its due time counts from
+//!   that due time, so a stalled connection counts every request it delayed (no
+//!   coordinated omission). Any other request counts from its send: the generator's own
+//!   timer firing late is not latency (tokio's timers have millisecond granularity, which
+//!   would otherwise add a millisecond of noise to every request of every scenario). h2c and gRPC start each
+//!   request at its due time on the shared connection, and count from the send.
 //! - **Closed loop** (`rate == 0`): each connection sends its next request when the
 //!   previous one is answered; the result is the maximum throughput.
 //! - A warm-up period is sent and not recorded.
@@ -31,7 +34,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 /// Which protocol the load speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Http1,
@@ -292,6 +295,8 @@ async fn connection(
     let mut due = start + interval.mul_f64(index as f64 / connections as f64);
     let mut inflight = Vec::new();
     let mut sent: u64 = 0;
+    // When this connection could next send: the previous response (HTTP/1.1).
+    let mut free = start;
     while due < end {
         tokio::time::sleep_until(due).await;
         sent += 1;
@@ -303,22 +308,27 @@ async fn connection(
             && let Some(mut s) = sender.clone_mux()
         {
             let (plan, tally) = (plan.clone(), tally.clone());
+            let sent_at = Instant::now();
             inflight.push(tokio::spawn(async move {
                 let result = s.call(&plan).await;
                 if recorded {
                     tally
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .record(due.elapsed(), result);
+                        .record(sent_at.elapsed(), result);
                 }
             }));
         } else {
+            // A request the previous response held up counts from when it was due; any
+            // other wait past `due` is the timer's, and the request counts from its send.
+            let from = if free > due { due } else { Instant::now() };
             let result = sender.call(&plan).await;
+            free = Instant::now();
             if recorded {
                 tally
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .record(due.elapsed(), result);
+                    .record(free - from, result);
             }
         }
         due += interval;

@@ -61,6 +61,9 @@ enum Cmd {
         count: usize,
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
+        /// Include each response body as text (`body`).
+        #[arg(long)]
+        print_body: bool,
     },
     /// gRPC unary calls on one channel.
     Grpc {
@@ -166,6 +169,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<serde_json::Value> {
             h2c,
             count,
             timeout_ms,
+            print_body,
         } => {
             let req = RequestSpec {
                 authority,
@@ -173,6 +177,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<serde_json::Value> {
                 method,
                 headers: parse_headers(&headers)?,
                 body,
+                print_body,
             };
             deadline(timeout_ms, requests(connect, &req, h2c, count)).await
         }
@@ -256,6 +261,7 @@ struct RequestSpec {
     method: String,
     headers: Vec<(String, String)>,
     body: String,
+    print_body: bool,
 }
 
 impl RequestSpec {
@@ -293,7 +299,7 @@ async fn requests(
         tokio::spawn(conn);
         for _ in 0..count {
             let resp = sender.clone().send_request(spec.build(true)?).await?;
-            responses.push(describe(resp).await?);
+            responses.push(describe(resp, spec.print_body).await?);
         }
     } else {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
@@ -303,7 +309,7 @@ async fn requests(
         for _ in 0..count {
             sender.ready().await.context("connection closed")?;
             let resp = sender.send_request(spec.build(false)?).await?;
-            responses.push(describe(resp).await?);
+            responses.push(describe(resp, spec.print_body).await?);
         }
     }
     Ok(json!({ "ok": true, "responses": responses }))
@@ -311,6 +317,7 @@ async fn requests(
 
 async fn describe(
     resp: http::Response<hyper::body::Incoming>,
+    print_body: bool,
 ) -> anyhow::Result<serde_json::Value> {
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.context("response body")?.to_bytes();
@@ -325,13 +332,17 @@ async fn describe(
             )
         })
         .collect();
-    Ok(json!({
+    let mut doc = json!({
         "status": parts.status.as_u16(),
         "headers": headers,
         "upstream": seen.get("upstream"),
         "seen": seen,
         "body_bytes": body.len(),
-    }))
+    });
+    if print_body {
+        doc["body"] = String::from_utf8_lossy(&body).into_owned().into();
+    }
+    Ok(doc)
 }
 
 struct CallSpec {
