@@ -165,6 +165,85 @@ async fn rbac_denies_with_the_policy_named_and_updates_reach_kept_alive_connecti
     assert_eq!(c.send("GET", "/admin").await.status, 403);
 }
 
+const RBAC_REMOTE_IP: &str = r#"
+          - name: envoy.filters.http.rbac
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+              rules:
+                action: DENY
+                policies:
+                  ns[shop]-policy[no-direct]-rule[0]:
+                    permissions: [ { url_path: { path: { prefix: /direct } } } ]
+                    principals: [ { direct_remote_ip: { address_prefix: 127.0.0.1, prefix_len: 32 } } ]
+          - name: envoy.filters.http.rbac
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+              rules:
+                action: ALLOW
+                policies:
+                  ns[shop]-policy[clients]-rule[0]:
+                    permissions: [ { any: true } ]
+                    principals: [ { remote_ip: { address_prefix: 198.18.5.0, prefix_len: 24 } } ]
+"#;
+
+/// The admin's Prometheus text.
+async fn metrics(admin: SocketAddr) -> String {
+    let got = get(admin, "admin", "/metrics", &[]).await;
+    String::from_utf8_lossy(&got.body).into_owned()
+}
+
+#[tokio::test]
+async fn rbac_remote_ip_is_the_trusted_client_address_and_direct_remote_ip_the_peer() {
+    let up = Upstream::start("up").await;
+    let with = |hcm_extra: &str| {
+        let yaml = http_bootstrap(RBAC_REMOTE_IP, "", &up).replace(
+            "          stat_prefix: main\n",
+            &format!("          stat_prefix: main\n{hcm_extra}"),
+        );
+        format!(
+            "admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }} }}\n{yaml}"
+        )
+    };
+    let client = [("x-forwarded-for", "198.18.5.7")];
+    let two_hops = [("x-forwarded-for", "198.18.5.7, 198.19.0.1")];
+
+    // Without use_remote_address, the client is the last x-forwarded-for address.
+    let (mesh, addr) = start(&with("")).await;
+    assert_eq!(get(addr, "shop", "/x", &client).await.status, 200);
+    assert_eq!(get(addr, "shop", "/x", &two_hops).await.status, 403);
+    let peer_only = get(addr, "shop", "/x", &[]).await;
+    assert_eq!(
+        peer_only.status, 403,
+        "no x-forwarded-for: the peer, 127.0.0.1"
+    );
+    // direct_remote_ip is the peer whatever x-forwarded-for says.
+    assert_eq!(get(addr, "shop", "/direct", &client).await.status, 403);
+    let text = metrics(mesh.admin.expect("admin")).await;
+    for want in [
+        r#"policy="ns[shop]-policy[clients]-rule[0]",result="allowed"} 1"#,
+        r#"policy="none",result="denied"} 2"#,
+        r#"policy="ns[shop]-policy[no-direct]-rule[0]",result="denied"} 1"#,
+    ] {
+        assert!(
+            text.contains(want),
+            "a counter per policy: {want} in\n{text}"
+        );
+    }
+
+    // use_remote_address with one trusted hop: the address that hop appended.
+    let (_edge, addr) = start(&with(
+        "          use_remote_address: true\n          xff_num_trusted_hops: 1\n",
+    ))
+    .await;
+    assert_eq!(get(addr, "shop", "/x", &client).await.status, 200);
+    assert_eq!(get(addr, "shop", "/x", &two_hops).await.status, 403);
+    assert_eq!(get(addr, "shop", "/x", &[]).await.status, 403);
+
+    // use_remote_address trusting no hops: the peer, x-forwarded-for is ignored.
+    let (_edge0, addr) = start(&with("          use_remote_address: true\n")).await;
+    assert_eq!(get(addr, "shop", "/x", &client).await.status, 403);
+}
+
 #[tokio::test]
 async fn local_ratelimit_answers_429_after_the_bucket_and_per_route_overrides_apply() {
     let up = Upstream::start("up").await;
