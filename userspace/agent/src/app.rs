@@ -437,6 +437,9 @@ fn start_l7(
     ));
     let _runtime = data.enter();
     let engine = nodemesh_http::Engine::new(snapshot, connector, limits, metrics);
+    engine
+        .reporter()
+        .set_workloads(Arc::new(nodemesh_proxy::outbound::PodNames(table.clone())));
     info!(bootstrap = %l7.bootstrap.display(), listeners = engine.state().snapshot.listeners.len(), "L7 proxy configured");
     Ok(engine)
 }

@@ -70,7 +70,8 @@ pub const DEFAULT_JSON: &[(&str, &str)] = &[
 pub struct AccessLog {
     /// A file path; `/dev/stdout` and `/dev/stderr` for the stream loggers.
     pub path: String,
-    pub format: LogFormat,
+    /// Shared with every entry queued for it.
+    pub format: std::sync::Arc<LogFormat>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -314,7 +315,10 @@ fn one(
         }
     };
     match format {
-        Ok(format) => Some(AccessLog { path, format }),
+        Ok(format) => Some(AccessLog {
+            path,
+            format: std::sync::Arc::new(format),
+        }),
         Err(e) => {
             diags.error(format!("{at}: {e}"));
             None
@@ -408,7 +412,7 @@ mod tests {
         );
         assert!(
             parse("%NOT_AN_OPERATOR%")
-                .unwrap_err()
+                .expect_err("unknown operator")
                 .contains("NOT_AN_OPERATOR")
         );
         assert!(parse("%REQ()%").is_err());
