@@ -437,6 +437,10 @@ fn start_l7(
     ));
     let _runtime = data.enter();
     let engine = nodemesh_http::Engine::new(snapshot, connector, limits, metrics);
+    engine.set_close_denied_on_update(l7.close_denied_on_update);
+    if let Some(queue) = l7.access_log_queue {
+        engine.set_access_log_queue(queue);
+    }
     engine
         .reporter()
         .set_workloads(Arc::new(nodemesh_proxy::outbound::PodNames(table.clone())));

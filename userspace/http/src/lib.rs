@@ -232,6 +232,13 @@ impl Engine {
             .store(close, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Entries queued per access log file; the writers are reopened with the new queue.
+    pub fn set_access_log_queue(&self, entries: usize) {
+        self.reporter.set_capacity(entries);
+        self.reporter.reset_writers();
+        self.reporter.configure(&self.state().snapshot);
+    }
+
     /// The configuration requests start with now.
     pub fn state(&self) -> Arc<State> {
         self.state.load_full()

@@ -284,8 +284,8 @@ async fn local_ratelimit_answers_429_after_the_bucket_and_per_route_overrides_ap
     assert_eq!(get(addr, "shop", "/y", &[]).await.status, 429);
 }
 
-#[tokio::test]
-async fn network_rbac_refuses_connections_and_closes_open_ones_after_an_update() {
+/// A TCP echo server on loopback.
+async fn echo_server() -> SocketAddr {
     let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -302,9 +302,13 @@ async fn network_rbac_refuses_connections_and_closes_open_ones_after_an_update()
             });
         }
     });
-    let tcp = |action: &str| {
-        format!(
-            r#"
+    echo_addr
+}
+
+/// A tcp_proxy listener to `echo_addr` behind a network RBAC with `action` on loopback peers.
+fn tcp(action: &str, echo_addr: SocketAddr) -> String {
+    format!(
+        r#"
 static_resources:
   listeners:
   - name: tcp
@@ -333,30 +337,57 @@ static_resources:
       cluster_name: echo
       endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }} }} ] }} ]
 "#,
-            port = echo_addr.port()
-        )
-    };
-    let (running, addr) = start(&tcp("ALLOW")).await;
-    let mut open = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    open.write_all(b"ping").await.expect("write");
+        port = echo_addr.port()
+    )
+}
+
+/// Sends `ping` and expects it back.
+async fn ping(s: &mut tokio::net::TcpStream) {
+    s.write_all(b"ping").await.expect("write");
     let mut buf = [0u8; 4];
-    tokio::time::timeout(DEADLINE, open.read_exact(&mut buf))
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut buf))
         .await
         .expect("no hang")
         .expect("echo");
     assert_eq!(&buf, b"ping");
+}
 
-    running.engine.update(snapshot(&tcp("DENY")));
-    // The open connection is closed by the proxy: the read ends (EOF or reset).
-    let mut rest = Vec::new();
-    let ended = tokio::time::timeout(DEADLINE, open.read_to_end(&mut rest)).await;
-    assert!(ended.is_ok(), "the denied connection was closed");
-    // New connections are refused.
+/// Whether a fresh connection is closed without a byte (refused by policy).
+async fn refused(addr: SocketAddr) -> bool {
     let mut fresh = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let _ = fresh.write_all(b"ping").await;
     let mut got = Vec::new();
     let r = tokio::time::timeout(DEADLINE, fresh.read_to_end(&mut got)).await;
-    assert!(r.is_ok() && got.is_empty(), "denied: closed without a byte");
+    r.is_ok() && got.is_empty()
+}
+
+#[tokio::test]
+async fn network_rbac_refuses_connections_and_closes_open_ones_after_an_update() {
+    let echo_addr = echo_server().await;
+    let (running, addr) = start(&tcp("ALLOW", echo_addr)).await;
+    let mut open = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    ping(&mut open).await;
+
+    running.engine.update(snapshot(&tcp("DENY", echo_addr)));
+    // The open connection is closed by the proxy: the read ends (EOF or reset).
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(DEADLINE, open.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the denied connection was closed");
+    assert!(refused(addr).await, "denied: closed without a byte");
+}
+
+#[tokio::test]
+async fn with_closing_off_open_connections_keep_their_decision_and_new_ones_are_refused() {
+    let echo_addr = echo_server().await;
+    let (running, addr) = start(&tcp("ALLOW", echo_addr)).await;
+    running.engine.set_close_denied_on_update(false);
+    let mut open = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    ping(&mut open).await;
+    running.engine.update(snapshot(&tcp("DENY", echo_addr)));
+    assert!(refused(addr).await, "new connections see the new policy");
+    // The refused connection above was handled after the update: the open one was
+    // re-checked by then, and kept.
+    ping(&mut open).await;
 }
 
 /// A redis-server of our own on a free loopback port, killed by pid on drop.

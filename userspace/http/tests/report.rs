@@ -251,11 +251,8 @@ async fn a_stuck_log_sink_drops_and_counts_entries_and_requests_go_on() {
             .open(&fifo)
             .expect("open the FIFO for reading")
     };
-    let yaml = bootstrap(&fifo, "", &up);
-    let (slow, addr) = start(&yaml).await;
-    slow.engine.reporter().set_capacity(16);
-    slow.engine.reporter().reset_writers();
-    slow.engine.update(snapshot(&yaml));
+    let (slow, addr) = start(&bootstrap(&fifo, "", &up)).await;
+    slow.engine.set_access_log_queue(16);
     let before = up.count();
     let answered = tokio::time::timeout(DEADLINE * 3, burst(addr, N, PARALLEL))
         .await
