@@ -27,16 +27,14 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use nodemesh_config::model::{HttpFilter, NetworkFilter, Snapshot};
 use nodemesh_policy::{
-    Attributes, ConnScope, HttpAttributes, HttpChain,
-    chain::Policies,
-    stats::PolicyStats,
+    Attributes, ConnScope, HttpAttributes, HttpChain, chain::Policies, stats::PolicyStats,
 };
 
 const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/client";
 
 /// An ALLOW RBAC with `n` policies the way istiod writes them (one per workload: its port and
-/// its callers), one of which lets the benchmark's client call port 8080.
-fn rbac(n: usize) -> String {
+/// its callers), one of which lets the benchmark's client call `port`.
+fn rbac(n: usize, port: u16) -> String {
     let mut policies = String::new();
     for i in 0..n.saturating_sub(1) {
         policies.push_str(&format!(
@@ -50,7 +48,7 @@ fn rbac(n: usize) -> String {
     policies.push_str(&format!(
         r#"
                   ns[shop]-policy[client]-rule[0]:
-                    permissions: [ {{ and_rules: {{ rules: [ {{ destination_port: 8080 }}, {{ header: {{ name: ":method", string_match: {{ exact: GET }} }} }} ] }} }} ]
+                    permissions: [ {{ and_rules: {{ rules: [ {{ destination_port: {port} }}, {{ header: {{ name: ":method", string_match: {{ exact: GET }} }} }} ] }} }} ]
                     principals: [ {{ authenticated: {{ principal_name: {{ exact: "{CLIENT}" }} }} }}, {{ remote_ip: {{ address_prefix: 127.0.0.1, prefix_len: 32 }} }} ]"#
     ));
     format!(
@@ -136,7 +134,11 @@ static_resources:
 
 fn snapshot(yaml: &str) -> Snapshot {
     let t = nodemesh_config::load_bootstrap(yaml).expect("bootstrap parses");
-    assert!(t.diagnostics.errors.is_empty(), "{:?}", t.diagnostics.errors);
+    assert!(
+        t.diagnostics.errors.is_empty(),
+        "{:?}",
+        t.diagnostics.errors
+    );
     t.snapshot.expect("snapshot")
 }
 
@@ -171,7 +173,7 @@ fn decide(c: &mut Criterion) {
     };
     let mut group = c.benchmark_group("decide");
     for n in [10, 1000] {
-        let s = snapshot(&bootstrap(0, 1, &format!("{}{LOCAL}", rbac(n)), ""));
+        let s = snapshot(&bootstrap(0, 1, &format!("{}{LOCAL}", rbac(n, 8080)), ""));
         let chain: Arc<HttpChain> =
             HttpChain::compile(&http_filters(&s), &Policies::new(PolicyStats::default()));
         let scope = ConnScope::default();
@@ -199,7 +201,12 @@ fn report(c: &mut Criterion) {
     let format = Arc::new(nodemesh_config::access_log::default_format());
     let mut request_headers = http::HeaderMap::new();
     request_headers.insert("user-agent", "bench".parse().expect("value"));
-    request_headers.insert("x-request-id", "7b7e0f3c-4d8a-4c4e-9d0b-0c1f9f0e8a11".parse().expect("value"));
+    request_headers.insert(
+        "x-request-id",
+        "7b7e0f3c-4d8a-4c4e-9d0b-0c1f9f0e8a11"
+            .parse()
+            .expect("value"),
+    );
     let source = Workload {
         name: "client",
         namespace: "shop",
@@ -207,8 +214,15 @@ fn report(c: &mut Criterion) {
     };
     c.bench_function("report/istio_metrics_and_access_log_entry", |b| {
         b.iter(|| {
-            let labels =
-                HttpLabels::new(source, Workload::UNKNOWN, Some("up"), false, 200, None, None);
+            let labels = HttpLabels::new(
+                source,
+                Workload::UNKNOWN,
+                Some("up"),
+                false,
+                200,
+                None,
+                None,
+            );
             metrics.record(&labels, 0.4, 120, 300);
             let entry = Entry {
                 start: SystemTime::now(),
@@ -244,7 +258,14 @@ impl Redis {
     fn start() -> Option<Self> {
         let port = free_port();
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
             .args(["--appendonly", "no", "--dir", "/tmp"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -295,6 +316,21 @@ async fn upstream() -> SocketAddr {
     addr
 }
 
+/// One request on the kept-alive connection, read to its end.
+async fn send(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+) -> hyper::StatusCode {
+    sender.ready().await.expect("connection ready");
+    let req = hyper::Request::get("/api/items?page=2")
+        .header("host", "api.shop")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    let status = resp.status();
+    let _ = resp.into_body().collect().await;
+    status
+}
+
 fn request(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -306,16 +342,27 @@ fn request(c: &mut Criterion) {
         eprintln!("no redis-server on PATH: request/check_quota_report runs without the quota");
     }
     let up = rt.block_on(upstream());
+    let listen = free_port();
     let filters = format!(
         "{}{LOCAL}{}",
-        rbac(1000),
+        rbac(1000, listen),
         redis.as_ref().map(|r| quota(r.1)).unwrap_or_default()
     );
-    let variants = [("none", String::new(), ""), ("check_quota_report", filters, ACCESS_LOG)];
+    let listen2 = free_port();
+    let filters2 = format!(
+        "{}{LOCAL}{}",
+        rbac(1000, listen2),
+        redis.as_ref().map(|r| quota(r.1)).unwrap_or_default()
+    );
+    let variants = [
+        ("none", free_port(), String::new(), ""),
+        ("check_quota", listen2, filters2, ""),
+        ("check_quota_report", listen, filters, ACCESS_LOG),
+    ];
     let mut group = c.benchmark_group("request");
     let mut keep = Vec::new();
-    for (name, filters, log) in variants {
-        let yaml = bootstrap(free_port(), up.port(), &filters, log);
+    for (name, port, filters, log) in variants {
+        let yaml = bootstrap(port, up.port(), &filters, log);
         let running = rt
             .block_on(nodemesh_http::server::start(
                 snapshot(&yaml),
@@ -331,24 +378,15 @@ fn request(c: &mut Criterion) {
             tokio::spawn(conn);
             sender
         });
-        let mut send = move || {
-            let req = hyper::Request::get("/api/items?page=2")
-                .header("host", "api.shop")
-                .body(Full::new(Bytes::new()))
-                .expect("request");
-            let fut = sender.send_request(req);
-            async move {
-                let resp = fut.await.expect("response");
-                let status = resp.status();
-                let _ = resp.into_body().collect().await;
-                status
-            }
-        };
         // Warm the lease and the pool; every request must be allowed.
         for _ in 0..100 {
-            assert_eq!(rt.block_on(send()), 200, "{name}: requests are allowed");
+            assert_eq!(
+                rt.block_on(send(&mut sender)),
+                200,
+                "{name}: requests are allowed"
+            );
         }
-        group.bench_function(name, |b| b.iter(|| rt.block_on(send())));
+        group.bench_function(name, |b| b.iter(|| rt.block_on(send(&mut sender))));
         keep.push(running);
     }
     group.finish();

@@ -38,6 +38,10 @@ use serde_json::Value;
 pub const DEFAULT_CAPACITY: usize = 8192;
 /// Bytes rendered before a write.
 const BATCH_BYTES: usize = 64 * 1024;
+/// How long the writer lets entries gather after the first one of a batch: requests wake
+/// the writer thread at most once per interval instead of once each (Envoy flushes its
+/// file logs every second).
+const FLUSH_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Everything a format may ask about one finished request.
 #[derive(Debug, Clone)]
@@ -292,37 +296,47 @@ impl Writer {
             .spawn(move || {
                 let mut sink: Option<Box<dyn Write + Send>> = None;
                 let mut buf = Vec::with_capacity(BATCH_BYTES);
-                // Blocks for the first entry, then takes what is queued, up to a batch.
-                while let Ok((format, entry)) = rx.recv() {
-                    entry.render(&format, &mut buf);
-                    let mut n = 1u64;
-                    while buf.len() < BATCH_BYTES {
-                        let Ok((format, entry)) = rx.try_recv() else {
-                            break;
-                        };
+                // Blocks for the first entry, lets more gather, then writes what is queued
+                // in batches of up to BATCH_BYTES.
+                while let Ok(first) = rx.recv() {
+                    std::thread::sleep(FLUSH_INTERVAL);
+                    let mut next = Some(first);
+                    while let Some((format, entry)) = next.take() {
                         entry.render(&format, &mut buf);
-                        n += 1;
-                    }
-                    let result = match &mut sink {
-                        Some(s) => s.write_all(&buf).and_then(|()| s.flush()),
-                        None => open().and_then(|mut s| {
-                            let r = s.write_all(&buf).and_then(|()| s.flush());
-                            sink = Some(s);
-                            r
-                        }),
-                    };
-                    match result {
-                        Ok(()) => {
-                            written.inc_by(n);
-                            batches.inc();
+                        let mut n = 1u64;
+                        while buf.len() < BATCH_BYTES {
+                            let Ok((format, entry)) = rx.try_recv() else {
+                                break;
+                            };
+                            entry.render(&format, &mut buf);
+                            n += 1;
                         }
-                        Err(e) => {
-                            errors.inc_by(n);
-                            tracing::warn!(path = %label, error = %e, entries = n, "access log write failed; reopening on the next batch");
-                            sink = None;
+                        let full = buf.len() >= BATCH_BYTES;
+                        let result = match &mut sink {
+                            Some(s) => s.write_all(&buf).and_then(|()| s.flush()),
+                            None => open().and_then(|mut s| {
+                                let r = s.write_all(&buf).and_then(|()| s.flush());
+                                sink = Some(s);
+                                r
+                            }),
+                        };
+                        match result {
+                            Ok(()) => {
+                                written.inc_by(n);
+                                batches.inc();
+                            }
+                            Err(e) => {
+                                errors.inc_by(n);
+                                tracing::warn!(path = %label, error = %e, entries = n, "access log write failed; reopening on the next batch");
+                                sink = None;
+                            }
+                        }
+                        buf.clear();
+                        // A full batch: more may be queued, write on without waiting.
+                        if full {
+                            next = rx.try_recv().ok();
                         }
                     }
-                    buf.clear();
                 }
             })?;
         Ok(Arc::new(Self {
