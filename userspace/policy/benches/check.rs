@@ -9,7 +9,9 @@
 //!   HTTP/1.1 client, hyper upstream): `none` has no filters and no access log;
 //!   `check_quota_report` has RBAC with 1,000 policies, local_ratelimit, the global quota
 //!   leased from a real redis-server (when one is on PATH) and a JSON access log. The ratio
-//!   of the two is the number to watch (see ARCHITECTURE.md, "Check and quota").
+//!   of the two is the number to watch (see ARCHITECTURE.md, "Check and quota"); it is also
+//!   printed from an interleaved run (one request of each variant in turn), which load from
+//!   elsewhere on the machine cannot skew.
 //!
 //! Run: `cargo bench -p nodemesh-policy --bench check`.
 use std::{
@@ -359,8 +361,10 @@ fn request(c: &mut Criterion) {
         ("check_quota", listen2, filters2, ""),
         ("check_quota_report", listen, filters, ACCESS_LOG),
     ];
+    let names: Vec<&str> = variants.iter().map(|v| v.0).collect();
     let mut group = c.benchmark_group("request");
     let mut keep = Vec::new();
+    let mut senders = Vec::new();
     for (name, port, filters, log) in variants {
         let yaml = bootstrap(port, up.port(), &filters, log);
         let running = rt
@@ -387,9 +391,29 @@ fn request(c: &mut Criterion) {
             );
         }
         group.bench_function(name, |b| b.iter(|| rt.block_on(send(&mut sender))));
+        senders.push(sender);
         keep.push(running);
     }
     group.finish();
+    // The ratio, measured interleaved (one request of each variant in turn), so that load
+    // from elsewhere on the machine weighs on every variant alike.
+    const PAIRS: usize = 20_000;
+    let mut spent = vec![Duration::ZERO; senders.len()];
+    for _ in 0..PAIRS {
+        for (i, sender) in senders.iter_mut().enumerate() {
+            let t = Instant::now();
+            black_box(rt.block_on(send(sender)));
+            spent[i] += t.elapsed();
+        }
+    }
+    let base = spent[0].as_secs_f64();
+    for (name, t) in names.iter().zip(&spent) {
+        println!(
+            "request/{name}: {:.1} µs per request interleaved, {:.2} x none",
+            t.as_secs_f64() * 1e6 / PAIRS as f64,
+            t.as_secs_f64() / base
+        );
+    }
     drop(keep);
 }
 
