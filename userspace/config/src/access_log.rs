@@ -424,4 +424,102 @@ mod tests {
             parse(v).expect("the default format parses");
         }
     }
+
+    fn hcm_with(access_log: &str) -> crate::Translated {
+        let yaml = format!(
+            r#"
+static_resources:
+  listeners:
+  - name: l
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 1 }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: l
+          access_log:
+{access_log}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+          route_config: {{ virtual_hosts: [ {{ name: a, domains: ["*"], routes: [ {{ match: {{ prefix: / }}, direct_response: {{ status: 200 }} }} ] }} ] }}
+"#
+        );
+        crate::load_bootstrap(&yaml).expect("parses")
+    }
+
+    #[test]
+    fn hcm_access_logs_translate_and_bad_ones_are_errors_naming_the_field() {
+        let ok = hcm_with(
+            r#"          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: /tmp/x.log
+              log_format: { json_format: { code: "%RESPONSE_CODE%", who: "%REQ(:AUTHORITY)% x", n: 1 } }
+          - name: envoy.access_loggers.stdout
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"#,
+        );
+        assert!(
+            ok.diagnostics.errors.is_empty(),
+            "{:?}",
+            ok.diagnostics.errors
+        );
+        let snapshot = ok.snapshot.expect("snapshot");
+        let crate::model::NetworkFilter::Http(h) = &snapshot.listeners[0].filter_chains[0].filter
+        else {
+            panic!("an HCM");
+        };
+        assert_eq!(h.access_logs.len(), 2);
+        assert_eq!(h.access_logs[0].path, "/tmp/x.log");
+        assert_eq!(
+            *h.access_logs[0].format,
+            LogFormat::Json(vec![
+                ("code".into(), vec![Segment::Field(LogField::ResponseCode)]),
+                ("n".into(), vec![Segment::Literal("1".into())]),
+                (
+                    "who".into(),
+                    vec![
+                        Segment::Field(LogField::Request(":authority".into(), None)),
+                        Segment::Literal(" x".into())
+                    ]
+                ),
+            ])
+        );
+        assert_eq!(h.access_logs[1].path, "/dev/stdout");
+        assert_eq!(*h.access_logs[1].format, default_format());
+
+        let bad = hcm_with(
+            r#"          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: /tmp/x.log
+              log_format: { text_format_source: { inline_string: "%NO_SUCH_THING%" } }"#,
+        );
+        assert!(
+            bad.diagnostics
+                .errors
+                .iter()
+                .any(|e| e.contains("access_log[0]") && e.contains("NO_SUCH_THING")),
+            "{:?}",
+            bad.diagnostics.errors
+        );
+        let filtered = hcm_with(
+            r#"          - name: envoy.access_loggers.file
+            filter: { status_code_filter: { comparison: { op: GE, value: { default_value: 400, runtime_key: k } } } }
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: /tmp/x.log"#,
+        );
+        assert!(
+            filtered
+                .diagnostics
+                .errors
+                .iter()
+                .any(|e| e.contains("filter")),
+            "{:?}",
+            filtered.diagnostics.errors
+        );
+    }
 }
