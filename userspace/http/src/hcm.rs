@@ -198,8 +198,6 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody>
         path,
         &authority,
         req.version(),
-        req.headers(),
-        false,
         ctx.accepted.peer.ip(),
         ctx.accepted.peer,
         ctx.accepted.destination,

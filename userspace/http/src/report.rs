@@ -206,8 +206,6 @@ pub(crate) fn entry(
     path: &str,
     authority: &str,
     version: http::Version,
-    headers: &HeaderMap,
-    keep_headers: bool,
     remote: IpAddr,
     peer: SocketAddr,
     local: SocketAddr,
@@ -223,12 +221,8 @@ pub(crate) fn entry(
             http::Version::HTTP_10 => "HTTP/1.0",
             _ => "HTTP/1.1",
         },
-        // Only a log renders headers: metrics alone copy none.
-        request_headers: if keep_headers {
-            headers.clone()
-        } else {
-            HeaderMap::new()
-        },
+        // Set once the connection manager is done with them, and only for a log.
+        request_headers: HeaderMap::new(),
         response_headers: HeaderMap::new(),
         response_code: 0,
         response_flags: None,
