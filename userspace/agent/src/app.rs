@@ -163,7 +163,11 @@ async fn agent(cfg: AgentConfig, data: Handle) -> anyhow::Result<()> {
         OrigDstMap::open(&pin_dir).context("opening NM_ORIG_DST")?,
     ));
     let l7 = match &cfg.proxy.l7 {
-        Some(l7) => Some(start_l7(&cfg, l7, &table, &data, &mut metrics)?),
+        Some(l7) => {
+            let engine = start_l7(&cfg, l7, &table, &data, &mut metrics)?;
+            engine.reporter().set_tcp_metrics(proxy_metrics.tcp());
+            Some(engine)
+        }
         None => None,
     };
     let outbound = Outbound::new(

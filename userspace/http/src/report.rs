@@ -27,7 +27,7 @@ use http_body::{Body, Frame, SizeHint};
 use nodemesh_config::model::{NetworkFilter, Snapshot};
 use nodemesh_telemetry::{
     access_log::{self, Entry, LogStats, Writer},
-    istio::{HttpLabels, HttpMetrics, UNKNOWN, Workload},
+    istio::{HttpLabels, HttpMetrics, TcpLabels, TcpMetrics, UNKNOWN, Workload},
 };
 use prometheus_client::registry::Registry;
 use tracing::warn;
@@ -48,6 +48,9 @@ pub struct Reporter {
     writers: ArcSwap<HashMap<String, Arc<Writer>>>,
     capacity: AtomicUsize,
     workloads: ArcSwap<Option<Arc<dyn WorkloadNames>>>,
+    /// `istio_tcp_*` for `tcp_proxy` chains: the node proxy's families when it set them
+    /// ([`Self::set_tcp_metrics`]), so the names are registered once.
+    tcp: ArcSwap<Option<TcpMetrics>>,
     /// Serializes writer set-up (updates are rare).
     opening: Mutex<()>,
 }
@@ -60,6 +63,7 @@ impl Reporter {
             writers: ArcSwap::from_pointee(HashMap::new()),
             capacity: AtomicUsize::new(access_log::DEFAULT_CAPACITY),
             workloads: ArcSwap::from_pointee(None),
+            tcp: ArcSwap::from_pointee(None),
             opening: Mutex::new(()),
         }
     }
@@ -71,6 +75,34 @@ impl Reporter {
 
     pub fn set_workloads(&self, names: Arc<dyn WorkloadNames>) {
         self.workloads.store(Arc::new(Some(names)));
+    }
+
+    /// Where `tcp_proxy` chains count `istio_tcp_*` (unset: not counted).
+    pub fn set_tcp_metrics(&self, tcp: TcpMetrics) {
+        self.tcp.store(Arc::new(Some(tcp)));
+    }
+
+    /// The labels and families for one `tcp_proxy` connection, if TCP metrics are on.
+    pub(crate) fn tcp_connection(
+        &self,
+        source: &crate::Source,
+        upstream: SocketAddr,
+    ) -> Option<(TcpMetrics, TcpLabels)> {
+        let tcp = self.tcp.load().as_ref().clone()?;
+        let dst = self.destination(Some(upstream.ip()));
+        let destination = dst
+            .as_ref()
+            .map_or(Workload::UNKNOWN, |(n, ns, p)| Workload {
+                name: n,
+                namespace: ns,
+                principal: p,
+            });
+        let src = Workload {
+            name: source.workload.as_deref().unwrap_or(UNKNOWN),
+            namespace: source.namespace.as_deref().unwrap_or(UNKNOWN),
+            principal: source.principal.as_deref().unwrap_or(UNKNOWN),
+        };
+        Some((tcp, TcpLabels::tcp(src, destination)))
     }
 
     /// Opens a writer for every file the snapshot logs to; drops the others (their threads

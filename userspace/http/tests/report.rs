@@ -306,3 +306,85 @@ async fn a_stuck_log_sink_drops_and_counts_entries_and_requests_go_on() {
     let text = metrics(slow.admin.expect("admin")).await;
     assert_eq!(sample(&text, &written), Some(read_lines as f64));
 }
+
+#[tokio::test]
+async fn tcp_proxy_connections_are_counted_in_istio_tcp_metrics() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let echo_addr = echo.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let yaml = format!(
+        r#"
+admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }} }}
+static_resources:
+  listeners:
+  - name: tcp
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: tcp
+          cluster: echo
+  clusters:
+  - name: echo
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: echo
+      endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }} }} ] }} ]
+"#,
+        port = echo_addr.port()
+    );
+    let (running, addr) = start(&yaml).await;
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"hello").await.expect("write");
+    let mut buf = [0u8; 5];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut buf))
+        .await
+        .expect("no hang")
+        .expect("echo");
+    s.shutdown().await.expect("half-close");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await;
+    let admin = running.admin.expect("admin");
+    let until = Instant::now() + DEADLINE;
+    let text = loop {
+        let text = metrics(admin).await;
+        if text.contains("istio_tcp_connections_closed_total{") || Instant::now() > until {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let value = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    assert_eq!(
+        value("istio_tcp_connections_opened_total"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("istio_tcp_connections_closed_total"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(value("istio_tcp_received_bytes_total"), Some(5.0), "{text}");
+    assert_eq!(value("istio_tcp_sent_bytes_total"), Some(5.0), "{text}");
+}
