@@ -164,7 +164,11 @@ async fn agent(cfg: AgentConfig, data: Handle) -> anyhow::Result<()> {
         OrigDstMap::open(&pin_dir).context("opening NM_ORIG_DST")?,
     ));
     let l7 = match &cfg.proxy.l7 {
-        Some(l7) => Some(start_l7(&cfg, l7, &table, &data, &mut metrics)?),
+        Some(l7) => {
+            let engine = start_l7(&cfg, l7, &table, &data, &mut metrics)?;
+            engine.reporter().set_tcp_metrics(proxy_metrics.tcp());
+            Some(engine)
+        }
         None => None,
     };
     let outbound = Outbound::new(
@@ -491,6 +495,13 @@ fn start_l7(
     ));
     let _runtime = data.enter();
     let engine = nodemesh_http::Engine::new(snapshot, connector, limits, metrics);
+    engine.set_close_denied_on_update(l7.close_denied_on_update);
+    if let Some(queue) = l7.access_log_queue {
+        engine.set_access_log_queue(queue);
+    }
+    engine
+        .reporter()
+        .set_workloads(Arc::new(nodemesh_proxy::outbound::PodNames(table.clone())));
     info!(bootstrap = %l7.bootstrap.display(), listeners = engine.state().snapshot.listeners.len(), "L7 proxy configured");
     Ok(engine)
 }

@@ -943,6 +943,7 @@ impl Cx {
             suppress_envoy_headers: suppress,
             internal_addresses,
             client_cert,
+            access_logs: crate::access_log::translate(&h.access_log, at, &mut self.diags),
         })
     }
 

@@ -1,4 +1,5 @@
 //! Envoy's v3 configuration, read the way Envoy reads it, into nodemesh's model.
+pub mod access_log;
 pub mod convert;
 pub mod filters;
 pub mod matcher;

@@ -131,6 +131,8 @@ pub struct HttpManager {
     pub internal_addresses: Vec<IpRange>,
     /// `forward_client_cert_details`.
     pub client_cert: ClientCertDetails,
+    /// `access_log`: where and how every request is logged when it ends.
+    pub access_logs: Vec<crate::access_log::AccessLog>,
 }
 
 /// What happens to a request's `x-forwarded-client-cert`. Downstream connections are

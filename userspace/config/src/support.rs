@@ -214,6 +214,51 @@ static TABLE: &[(&[&str], Rules)] = &[
         },
     ),
     (
+        &["envoy.config.accesslog.v3.AccessLog"],
+        Fields {
+            // `filter` is refused by the translation itself, with its reason.
+            supported: &["name", "typed_config", "filter"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.extensions.access_loggers.file.v3.FileAccessLog"],
+        Fields {
+            supported: &[
+                "path",
+                "format",
+                "json_format",
+                "typed_json_format",
+                "log_format",
+            ],
+            ignored: &[],
+        },
+    ),
+    (
+        &[
+            "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+            "envoy.extensions.access_loggers.stream.v3.StderrAccessLog",
+        ],
+        Fields {
+            supported: &["log_format"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.config.core.v3.SubstitutionFormatString"],
+        Fields {
+            supported: &["text_format", "json_format", "text_format_source"],
+            ignored: &[
+                (
+                    "omit_empty_values",
+                    "empty values are written as - (null in JSON)",
+                ),
+                ("content_type", "only local replies use it"),
+                ("json_format_options", "keys are written sorted, compact"),
+            ],
+        },
+    ),
+    (
         &["envoy.config.bootstrap.v3.Bootstrap.StaticResources"],
         Fields {
             supported: &["listeners", "clusters"],
@@ -364,13 +409,10 @@ static TABLE: &[(&[&str], Rules)] = &[
                 "stream_error_on_invalid_http_message",
                 "internal_address_config",
                 "forward_client_cert_details",
+                "access_log",
             ],
             ignored: &[
                 ("tracing", NO_EFFECT_ON_TRAFFIC),
-                (
-                    "access_log",
-                    "access logs come with nodemesh's own telemetry",
-                ),
                 (
                     "access_log_options",
                     "access logs come with nodemesh's own telemetry",

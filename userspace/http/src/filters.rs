@@ -25,18 +25,13 @@ pub(crate) async fn run(
     grpc: bool,
 ) -> Verdict {
     let src = &ctx.accepted.source;
-    let remote_ip = if ctx.hcm.use_remote_address {
-        ctx.accepted.peer.ip()
-    } else {
-        // Envoy: without use_remote_address, the trusted client address is the last
-        // x-forwarded-for entry (none: the peer).
-        req.headers()
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(ctx.accepted.peer.ip())
-    };
+    // `remote_ip` is the trusted client address the connection manager decided on
+    // (`use_remote_address`, `xff_num_trusted_hops`: see [`crate::sanitize`]), exactly as
+    // Envoy's RBAC sees it; `direct_remote_ip` is the peer.
+    let remote_ip = req
+        .extensions()
+        .get::<crate::sanitize::Origin>()
+        .map_or(ctx.accepted.peer.ip(), |o| o.client);
     let attrs = Attributes {
         peer: ctx.accepted.peer,
         remote_ip,

@@ -30,6 +30,7 @@ use crate::{
     downstream,
     headers::{self, Side},
     local::{self, Flag},
+    report,
     route::{self, RequestView},
     router::{self, RespBody},
     sanitize,
@@ -181,14 +182,84 @@ fn classify(e: &hyper::Error) -> &'static str {
 /// One request, from admission to the response head.
 async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody> {
     let stream = ctx.tracker.stream_started();
-    let response = handle_stream(&ctx, req).await;
+    let started = Instant::now();
+    let grpc = route::is_grpc(req.headers());
+    let keep_headers = !ctx.hcm.access_logs.is_empty();
+    let authority = authority(&req).unwrap_or_default();
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let content_length = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let mut entry = report::entry(
+        req.method().as_str(),
+        path,
+        &authority,
+        req.version(),
+        ctx.accepted.peer.ip(),
+        ctx.accepted.peer,
+        ctx.accepted.destination,
+        ctx.accepted.source.principal.clone(),
+    );
+    entry.bytes_received = content_length;
+    let request_bytes = report::head_size(req.headers()) + content_length;
+    let (response, sanitized) = handle_stream(&ctx, req, grpc, keep_headers).await;
     let (parts, body) = response.into_parts();
-    Response::from_parts(parts, downstream::Guarded::new(body, stream).boxed())
+    if let Some((client, headers)) = sanitized {
+        // Envoy: the peer's address, or the forwarded client's with port 0.
+        if client != ctx.accepted.peer.ip().to_canonical() {
+            entry.remote = std::net::SocketAddr::new(client, 0);
+        }
+        if let Some(h) = headers {
+            entry.request_headers = h;
+        }
+    }
+    entry.response_code = parts.status.as_u16();
+    entry.response_flags = parts.extensions.get::<Flag>().and_then(|f| f.log_flag());
+    entry.details = parts
+        .extensions
+        .get::<crate::filters::ResponseDetails>()
+        .map(|d| d.0.clone());
+    if let Some(up) = parts.extensions.get::<router::UpstreamInfo>() {
+        entry.upstream_cluster = Some(up.cluster.clone());
+        entry.upstream_host = up.host;
+    }
+    entry.route_name = parts.extensions.get::<RouteName>().map(|r| r.0.clone());
+    if keep_headers {
+        entry.response_headers = parts.headers.clone();
+    }
+    let pending = report::Pending {
+        engine: ctx.engine.clone(),
+        hcm: ctx.hcm.clone(),
+        source: ctx.accepted.source.clone(),
+        started,
+        entry,
+        grpc,
+        request_bytes,
+    };
+    let head = report::head_size(&parts.headers);
+    let body = report::Reported::new(downstream::Guarded::new(body, stream), pending, head);
+    Response::from_parts(parts, body.boxed())
 }
 
-async fn handle_stream(ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody> {
+/// The route's name, for the access log (`%ROUTE_NAME%`).
+#[derive(Debug, Clone)]
+pub(crate) struct RouteName(pub String);
+
+/// The trusted client address and (for the access log) the request headers as the
+/// connection manager left them.
+type Sanitized = (std::net::IpAddr, Option<http::HeaderMap>);
+
+/// The response, and what the connection manager made of the request when it got that far.
+async fn handle_stream(
+    ctx: &Arc<ConnCtx>,
+    req: Request<Incoming>,
+    grpc: bool,
+    keep_headers: bool,
+) -> (Response<RespBody>, Option<Sanitized>) {
     let start = Instant::now();
-    let grpc = route::is_grpc(req.headers());
     let (mut parts, body) = req.into_parts();
     let origin = match sanitize::request(&ctx.hcm, &mut parts, ctx.accepted.peer) {
         Ok(origin) => origin,
@@ -196,9 +267,10 @@ async fn handle_stream(ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Response<R
             ctx.engine.stats().protocol_error("invalid_request");
             let mut response = local::reply(400, Flag::ProtocolError, why, grpc);
             finish(ctx, &mut response, None, false);
-            return response;
+            return (response, None);
         }
     };
+    let sanitized = (origin.client, keep_headers.then(|| parts.headers.clone()));
     // x-envoy-force-trace from an internal client: the request id goes back in the response.
     let force_trace = origin.internal && parts.headers.contains_key("x-envoy-force-trace");
     parts.extensions.insert(origin);
@@ -224,7 +296,7 @@ async fn handle_stream(ctx: &Arc<ConnCtx>, req: Request<Incoming>) -> Response<R
     if let Some(label) = route_label {
         ctx.engine.stats().route(&label, status, start.elapsed());
     }
-    response
+    (response, Some(sanitized))
 }
 
 /// The connection manager's last word on every response.
@@ -332,6 +404,7 @@ async fn dispatch(
         return (local::reply(404, Flag::NoRoute, "", grpc), None);
     };
     let label = route_label(&routes, &selected);
+    let route_name = (!selected.route.name.is_empty()).then(|| selected.route.name.clone());
     let mutations = [
         &selected.route.headers,
         &selected.virtual_host.headers,
@@ -365,6 +438,9 @@ async fn dispatch(
     };
     let mut response = response;
     crate::filters::add_response_headers(&mut response, &added_response_headers);
+    if let Some(name) = route_name {
+        response.extensions_mut().insert(RouteName(name));
+    }
     (response, Some(label))
 }
 

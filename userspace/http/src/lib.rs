@@ -31,6 +31,7 @@ mod idle;
 pub mod listener;
 mod local;
 pub mod policy;
+pub mod report;
 pub mod route;
 pub mod router;
 pub mod sanitize;
@@ -161,6 +162,8 @@ pub struct Engine {
     updates: tokio::sync::watch::Sender<u64>,
     /// Close open connections that a new network policy denies.
     close_denied: std::sync::atomic::AtomicBool,
+    /// Istio's request metrics and the access log writers.
+    reporter: report::Reporter,
 }
 
 impl fmt::Debug for Engine {
@@ -194,6 +197,7 @@ impl Engine {
             policies: nodemesh_policy::chain::Policies::new(policy_stats),
             updates: tokio::sync::watch::Sender::new(0),
             close_denied: std::sync::atomic::AtomicBool::new(true),
+            reporter: report::Reporter::register(registry),
         });
         engine.update(snapshot);
         engine
@@ -212,6 +216,7 @@ impl Engine {
             })
             .collect();
         let policies = policy::Compiled::build(&snapshot, &self.policies);
+        self.reporter.configure(&snapshot);
         self.state.store(Arc::new(State {
             snapshot: Arc::new(snapshot),
             clusters,
@@ -227,9 +232,21 @@ impl Engine {
             .store(close, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Entries queued per access log file; the writers are reopened with the new queue.
+    pub fn set_access_log_queue(&self, entries: usize) {
+        self.reporter.set_capacity(entries);
+        self.reporter.reset_writers();
+        self.reporter.configure(&self.state().snapshot);
+    }
+
     /// The configuration requests start with now.
     pub fn state(&self) -> Arc<State> {
         self.state.load_full()
+    }
+
+    /// Request metrics, access log writers (capacity, destination workload names).
+    pub fn reporter(&self) -> &report::Reporter {
+        &self.reporter
     }
 
     pub fn stats(&self) -> &stats::Stats {

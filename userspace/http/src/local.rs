@@ -54,6 +54,18 @@ pub enum Flag {
 }
 
 impl Flag {
+    /// The flag as access logs and `istio_requests_total{response_flags}` show it: Envoy
+    /// sets none for direct responses, redirects and refused upgrades, nor for a request
+    /// timeout (its details say `request_overall_timeout`).
+    pub fn log_flag(self) -> Option<&'static str> {
+        match self {
+            Self::DirectResponse | Self::Redirect | Self::UpgradeRefused | Self::RequestTimeout => {
+                None
+            }
+            f => Some(f.as_str()),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::NoRoute => "NR",

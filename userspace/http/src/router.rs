@@ -45,6 +45,13 @@ use crate::{
 /// The body type of responses sent downstream.
 pub type RespBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
+/// Where a request was sent, for the access log and metrics (a response extension).
+#[derive(Debug, Clone)]
+pub(crate) struct UpstreamInfo {
+    pub cluster: String,
+    pub host: Option<std::net::SocketAddr>,
+}
+
 /// How much of a request body is kept for retries (Envoy's default buffer limit).
 pub const RETRY_BUFFER_LIMIT: usize = 1 << 20;
 
@@ -283,6 +290,10 @@ pub(crate) async fn forward(
     let elapsed = start.elapsed();
     match result {
         Ok((mut response, host)) => {
+            response.extensions_mut().insert(UpstreamInfo {
+                cluster: cluster_name.clone(),
+                host: Some(host.address),
+            });
             cluster.stats.response(response.status().as_u16(), elapsed);
             cluster.record(&host, Outcome::of_status(response.status().as_u16()));
             let upgraded = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
@@ -395,6 +406,10 @@ pub(crate) async fn forward(
                 }
             };
             let mut response = local::reply(status, flag, &text, grpc);
+            response.extensions_mut().insert(UpstreamInfo {
+                cluster: cluster_name.clone(),
+                host: None,
+            });
             if target
                 .selected
                 .virtual_host

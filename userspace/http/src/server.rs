@@ -38,6 +38,12 @@ pub async fn start(snapshot: Snapshot, limits: TenantLimits) -> std::io::Result<
         .cloned()
         .collect();
     let engine = Engine::new(snapshot, Arc::new(DirectConnector), limits, &mut registry);
+    // Alone, the engine registers `istio_tcp_*` itself (the node proxy shares its own).
+    engine
+        .reporter()
+        .set_tcp_metrics(nodemesh_telemetry::istio::TcpMetrics::register(
+            &mut registry,
+        ));
     let registry = Arc::new(registry);
     let mut tasks = Vec::new();
     let mut listeners = Vec::new();

@@ -62,13 +62,31 @@ pub async fn serve<S>(
         }
     };
     let mut upstream = opened.stream;
-    match relay(&mut client, &mut upstream, proxy.idle_timeout).await {
-        Ok((up, down)) => debug!(
-            bytes_up = up,
-            bytes_down = down,
-            "tcp_proxy connection closed"
-        ),
-        Err(e) => debug!(error = %e, "tcp_proxy connection failed"),
+    let report = engine
+        .reporter()
+        .tcp_connection(&accepted.source, host.address);
+    if let Some((m, labels)) = &report {
+        m.opened.get_or_create(labels).inc();
+    }
+    let (up, down) = match relay(&mut client, &mut upstream, proxy.idle_timeout).await {
+        Ok((up, down)) => {
+            debug!(
+                bytes_up = up,
+                bytes_down = down,
+                "tcp_proxy connection closed"
+            );
+            (up, down)
+        }
+        Err(e) => {
+            debug!(error = %e, "tcp_proxy connection failed");
+            (0, 0)
+        }
+    };
+    // Counted at the end (a failed relay's bytes are not known; it counts as closed).
+    if let Some((m, labels)) = &report {
+        m.received_bytes.get_or_create(labels).inc_by(up);
+        m.sent_bytes.get_or_create(labels).inc_by(down);
+        m.closed.get_or_create(labels).inc();
     }
 }
 

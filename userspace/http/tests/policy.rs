@@ -165,6 +165,85 @@ async fn rbac_denies_with_the_policy_named_and_updates_reach_kept_alive_connecti
     assert_eq!(c.send("GET", "/admin").await.status, 403);
 }
 
+const RBAC_REMOTE_IP: &str = r#"
+          - name: envoy.filters.http.rbac
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+              rules:
+                action: DENY
+                policies:
+                  ns[shop]-policy[no-direct]-rule[0]:
+                    permissions: [ { url_path: { path: { prefix: /direct } } } ]
+                    principals: [ { direct_remote_ip: { address_prefix: 127.0.0.1, prefix_len: 32 } } ]
+          - name: envoy.filters.http.rbac
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+              rules:
+                action: ALLOW
+                policies:
+                  ns[shop]-policy[clients]-rule[0]:
+                    permissions: [ { any: true } ]
+                    principals: [ { remote_ip: { address_prefix: 198.18.5.0, prefix_len: 24 } } ]
+"#;
+
+/// The admin's Prometheus text.
+async fn metrics(admin: SocketAddr) -> String {
+    let got = get(admin, "admin", "/metrics", &[]).await;
+    String::from_utf8_lossy(&got.body).into_owned()
+}
+
+#[tokio::test]
+async fn rbac_remote_ip_is_the_trusted_client_address_and_direct_remote_ip_the_peer() {
+    let up = Upstream::start("up").await;
+    let with = |hcm_extra: &str| {
+        let yaml = http_bootstrap(RBAC_REMOTE_IP, "", &up).replace(
+            "          stat_prefix: main\n",
+            &format!("          stat_prefix: main\n{hcm_extra}"),
+        );
+        format!(
+            "admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }} }}\n{yaml}"
+        )
+    };
+    let client = [("x-forwarded-for", "198.18.5.7")];
+    let two_hops = [("x-forwarded-for", "198.18.5.7, 198.19.0.1")];
+
+    // Without use_remote_address, the client is the last x-forwarded-for address.
+    let (mesh, addr) = start(&with("")).await;
+    assert_eq!(get(addr, "shop", "/x", &client).await.status, 200);
+    assert_eq!(get(addr, "shop", "/x", &two_hops).await.status, 403);
+    let peer_only = get(addr, "shop", "/x", &[]).await;
+    assert_eq!(
+        peer_only.status, 403,
+        "no x-forwarded-for: the peer, 127.0.0.1"
+    );
+    // direct_remote_ip is the peer whatever x-forwarded-for says.
+    assert_eq!(get(addr, "shop", "/direct", &client).await.status, 403);
+    let text = metrics(mesh.admin.expect("admin")).await;
+    for want in [
+        r#"policy="ns[shop]-policy[clients]-rule[0]",result="allowed"} 1"#,
+        r#"policy="none",result="denied"} 2"#,
+        r#"policy="ns[shop]-policy[no-direct]-rule[0]",result="denied"} 1"#,
+    ] {
+        assert!(
+            text.contains(want),
+            "a counter per policy: {want} in\n{text}"
+        );
+    }
+
+    // use_remote_address with one trusted hop: the address that hop appended.
+    let (_edge, addr) = start(&with(
+        "          use_remote_address: true\n          xff_num_trusted_hops: 1\n",
+    ))
+    .await;
+    assert_eq!(get(addr, "shop", "/x", &client).await.status, 200);
+    assert_eq!(get(addr, "shop", "/x", &two_hops).await.status, 403);
+    assert_eq!(get(addr, "shop", "/x", &[]).await.status, 403);
+
+    // use_remote_address trusting no hops: the peer, x-forwarded-for is ignored.
+    let (_edge0, addr) = start(&with("          use_remote_address: true\n")).await;
+    assert_eq!(get(addr, "shop", "/x", &client).await.status, 403);
+}
+
 #[tokio::test]
 async fn local_ratelimit_answers_429_after_the_bucket_and_per_route_overrides_apply() {
     let up = Upstream::start("up").await;
@@ -205,8 +284,8 @@ async fn local_ratelimit_answers_429_after_the_bucket_and_per_route_overrides_ap
     assert_eq!(get(addr, "shop", "/y", &[]).await.status, 429);
 }
 
-#[tokio::test]
-async fn network_rbac_refuses_connections_and_closes_open_ones_after_an_update() {
+/// A TCP echo server on loopback.
+async fn echo_server() -> SocketAddr {
     let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -223,9 +302,13 @@ async fn network_rbac_refuses_connections_and_closes_open_ones_after_an_update()
             });
         }
     });
-    let tcp = |action: &str| {
-        format!(
-            r#"
+    echo_addr
+}
+
+/// A tcp_proxy listener to `echo_addr` behind a network RBAC with `action` on loopback peers.
+fn tcp(action: &str, echo_addr: SocketAddr) -> String {
+    format!(
+        r#"
 static_resources:
   listeners:
   - name: tcp
@@ -254,30 +337,57 @@ static_resources:
       cluster_name: echo
       endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }} }} ] }} ]
 "#,
-            port = echo_addr.port()
-        )
-    };
-    let (running, addr) = start(&tcp("ALLOW")).await;
-    let mut open = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    open.write_all(b"ping").await.expect("write");
+        port = echo_addr.port()
+    )
+}
+
+/// Sends `ping` and expects it back.
+async fn ping(s: &mut tokio::net::TcpStream) {
+    s.write_all(b"ping").await.expect("write");
     let mut buf = [0u8; 4];
-    tokio::time::timeout(DEADLINE, open.read_exact(&mut buf))
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut buf))
         .await
         .expect("no hang")
         .expect("echo");
     assert_eq!(&buf, b"ping");
+}
 
-    running.engine.update(snapshot(&tcp("DENY")));
-    // The open connection is closed by the proxy: the read ends (EOF or reset).
-    let mut rest = Vec::new();
-    let ended = tokio::time::timeout(DEADLINE, open.read_to_end(&mut rest)).await;
-    assert!(ended.is_ok(), "the denied connection was closed");
-    // New connections are refused.
+/// Whether a fresh connection is closed without a byte (refused by policy).
+async fn refused(addr: SocketAddr) -> bool {
     let mut fresh = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let _ = fresh.write_all(b"ping").await;
     let mut got = Vec::new();
     let r = tokio::time::timeout(DEADLINE, fresh.read_to_end(&mut got)).await;
-    assert!(r.is_ok() && got.is_empty(), "denied: closed without a byte");
+    r.is_ok() && got.is_empty()
+}
+
+#[tokio::test]
+async fn network_rbac_refuses_connections_and_closes_open_ones_after_an_update() {
+    let echo_addr = echo_server().await;
+    let (running, addr) = start(&tcp("ALLOW", echo_addr)).await;
+    let mut open = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    ping(&mut open).await;
+
+    running.engine.update(snapshot(&tcp("DENY", echo_addr)));
+    // The open connection is closed by the proxy: the read ends (EOF or reset).
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(DEADLINE, open.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the denied connection was closed");
+    assert!(refused(addr).await, "denied: closed without a byte");
+}
+
+#[tokio::test]
+async fn with_closing_off_open_connections_keep_their_decision_and_new_ones_are_refused() {
+    let echo_addr = echo_server().await;
+    let (running, addr) = start(&tcp("ALLOW", echo_addr)).await;
+    running.engine.set_close_denied_on_update(false);
+    let mut open = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    ping(&mut open).await;
+    running.engine.update(snapshot(&tcp("DENY", echo_addr)));
+    assert!(refused(addr).await, "new connections see the new policy");
+    // The refused connection above was handled after the update: the open one was
+    // re-checked by then, and kept.
+    ping(&mut open).await;
 }
 
 /// A redis-server of our own on a free loopback port, killed by pid on drop.

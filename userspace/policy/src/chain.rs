@@ -191,7 +191,14 @@ impl HttpChain {
                     request_headers.extend(rq);
                     response_headers.extend(rs);
                 }
-                deny @ Verdict::Deny(_) => return deny,
+                Verdict::Deny(d) => {
+                    if matches!(filter, Compiled::Quota(_))
+                        && tracing::enabled!(tracing::Level::DEBUG)
+                    {
+                        tracing::debug!(filter = %name, flag = d.flag, details = %d.details, peer = %a.peer, "quota: denied");
+                    }
+                    return Verdict::Deny(d);
+                }
             }
         }
         if request_headers.is_empty() && response_headers.is_empty() {

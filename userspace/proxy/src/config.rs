@@ -41,6 +41,18 @@ pub struct L7Config {
     pub max_requests_per_pod: Option<u32>,
     #[serde(default)]
     pub max_pending_per_pod: Option<u32>,
+    /// Close open connections that an updated network RBAC denies (default: yes). Off, a
+    /// connection keeps the decision made when it opened; HTTP requests are always checked
+    /// against the policy in force when they start.
+    #[serde(default = "yes")]
+    pub close_denied_on_update: bool,
+    /// Entries queued per access log file before entries are dropped (and counted).
+    #[serde(default)]
+    pub access_log_queue: Option<usize>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for ProxyConfig {

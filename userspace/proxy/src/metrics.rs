@@ -69,6 +69,11 @@ pub struct ProxyMetrics {
 }
 
 impl ProxyMetrics {
+    /// `istio_tcp_*`, shared with the L7 proxy's `tcp_proxy` chains.
+    pub fn tcp(&self) -> TcpMetrics {
+        self.tcp.clone()
+    }
+
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
             tcp: TcpMetrics::register(registry),

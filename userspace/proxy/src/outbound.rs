@@ -418,22 +418,43 @@ pub const TRUST_DOMAIN: &str = "cluster.local";
 
 /// The L7 proxy's view of a pod: its namespace cookie, `namespace/name` and identity.
 fn pod_source(pod: &PodInfo, netns_cookie: u64) -> nodemesh_http::Source {
-    let account = if pod.spec.service_account.is_empty() {
-        "default"
-    } else {
-        &pod.spec.service_account
-    };
     nodemesh_http::Source {
         key: netns_cookie,
         name: Arc::from(format!("{}/{}", pod.namespace(), pod.spec.name)),
         // Until mTLS carries peer certificates, the pod's identity is the one the registry
         // gives it: Istio's SPIFFE form of its namespace and service account.
-        principal: Some(Arc::from(format!(
-            "spiffe://{TRUST_DOMAIN}/ns/{}/sa/{account}",
-            pod.namespace()
-        ))),
+        principal: Some(Arc::from(pod_principal(pod))),
         namespace: Some(Arc::from(pod.namespace())),
         workload: Some(Arc::from(pod.workload())),
+    }
+}
+
+/// The pod's identity as metrics and policy name it (until mTLS carries certificates).
+pub fn pod_principal(pod: &PodInfo) -> String {
+    let account = if pod.spec.service_account.is_empty() {
+        "default"
+    } else {
+        &pod.spec.service_account
+    };
+    format!(
+        "spiffe://{TRUST_DOMAIN}/ns/{}/sa/{account}",
+        pod.namespace()
+    )
+}
+
+/// Destination workload names for the L7 proxy's Istio metrics: the node's pods by address.
+#[derive(Debug, Clone)]
+pub struct PodNames(pub SharedPodTable);
+
+impl nodemesh_http::report::WorkloadNames for PodNames {
+    fn by_ip(&self, ip: std::net::IpAddr) -> Option<(Arc<str>, Arc<str>, Arc<str>)> {
+        let table = self.0.load();
+        let pod = table.by_ip(ip)?;
+        Some((
+            Arc::from(pod.workload()),
+            Arc::from(pod.namespace()),
+            Arc::from(pod_principal(pod)),
+        ))
     }
 }
 

@@ -1,10 +1,18 @@
-//! Istio's standard TCP metrics (`istio_tcp_*`) as the node proxy reports them.
+//! Istio's standard metrics as the node proxy reports them: `istio_tcp_*` for connections
+//! and `istio_requests_total`, `istio_request_duration_milliseconds`,
+//! `istio_request_bytes` and `istio_response_bytes` for HTTP requests.
 //!
 //! Labels are Istio's names. Cardinality is bounded by construction: workloads are the
-//! node's pods plus `unknown` (a destination's IP never becomes a label value).
+//! node's pods plus `unknown` (a destination's IP never becomes a label value), services
+//! are cluster names from the configuration, response codes are clamped to 0..=599 and
+//! flags come from a fixed set.
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family},
+    metrics::{
+        counter::Counter,
+        family::{Family, MetricConstructor},
+        histogram::Histogram,
+    },
     registry::Registry,
 };
 
@@ -98,6 +106,140 @@ impl TcpMetrics {
     }
 }
 
+/// The request-level label set of `istio_requests_total` and the HTTP histograms.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub reporter: &'static str,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    /// The routed cluster (Istio: the service's host name; the cluster's name carries it).
+    pub destination_service: String,
+    pub destination_service_name: String,
+    /// `http` or `grpc`.
+    pub request_protocol: &'static str,
+    pub response_code: u16,
+    /// gRPC status for gRPC requests when the proxy saw it in the response head, else "".
+    pub grpc_response_status: String,
+    /// Envoy's short flag, or `-`.
+    pub response_flags: &'static str,
+    pub connection_security_policy: &'static str,
+}
+
+impl HttpLabels {
+    pub fn new(
+        source: Workload<'_>,
+        destination: Workload<'_>,
+        service: Option<&str>,
+        grpc: bool,
+        response_code: u16,
+        grpc_status: Option<&str>,
+        flags: Option<&'static str>,
+    ) -> Self {
+        let service = service.unwrap_or(UNKNOWN);
+        Self {
+            reporter: "source",
+            source_workload: source.name.to_owned(),
+            source_workload_namespace: source.namespace.to_owned(),
+            source_principal: source.principal.to_owned(),
+            destination_workload: destination.name.to_owned(),
+            destination_workload_namespace: destination.namespace.to_owned(),
+            destination_principal: destination.principal.to_owned(),
+            destination_service: service.to_owned(),
+            destination_service_name: service.to_owned(),
+            request_protocol: if grpc { "grpc" } else { "http" },
+            response_code: if response_code < 600 {
+                response_code
+            } else {
+                0
+            },
+            // A valid gRPC status is 0..=16; anything else is not a label value.
+            grpc_response_status: grpc_status
+                .filter(|s| s.parse::<u8>().is_ok_and(|n| n <= 16))
+                .unwrap_or("")
+                .to_owned(),
+            response_flags: flags.unwrap_or("-"),
+            connection_security_policy: "none",
+        }
+    }
+}
+
+/// Buckets of a histogram family.
+#[derive(Clone, Debug)]
+pub struct Buckets(&'static [f64]);
+
+impl MetricConstructor<Histogram> for Buckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(self.0.iter().copied())
+    }
+}
+
+/// Istio's duration buckets (milliseconds).
+const DURATION_MS: &[f64] = &[
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+/// Istio's size buckets (bytes): 1 to 10^8 in powers of ten.
+const SIZE_BYTES: &[f64] = &[1.0, 10.0, 100.0, 1000.0, 1e4, 1e5, 1e6, 1e7, 1e8];
+
+/// `istio_requests_total` and the HTTP histograms.
+#[derive(Clone, Debug)]
+pub struct HttpMetrics {
+    pub requests: Family<HttpLabels, Counter>,
+    pub duration_ms: Family<HttpLabels, Histogram, Buckets>,
+    pub request_bytes: Family<HttpLabels, Histogram, Buckets>,
+    pub response_bytes: Family<HttpLabels, Histogram, Buckets>,
+}
+
+impl Default for HttpMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            duration_ms: Family::new_with_constructor(Buckets(DURATION_MS)),
+            request_bytes: Family::new_with_constructor(Buckets(SIZE_BYTES)),
+            response_bytes: Family::new_with_constructor(Buckets(SIZE_BYTES)),
+        }
+    }
+}
+
+impl HttpMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register("istio_requests", "Requests", m.requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request duration, from the request's head to the response's last byte",
+            m.duration_ms.clone(),
+        );
+        registry.register(
+            "istio_request_bytes",
+            "Request sizes (headers and body)",
+            m.request_bytes.clone(),
+        );
+        registry.register(
+            "istio_response_bytes",
+            "Response sizes (headers and body)",
+            m.response_bytes.clone(),
+        );
+        m
+    }
+
+    /// Records one finished request.
+    pub fn record(&self, labels: &HttpLabels, duration_ms: f64, req_bytes: u64, resp_bytes: u64) {
+        self.requests.get_or_create(labels).inc();
+        self.duration_ms.get_or_create(labels).observe(duration_ms);
+        self.request_bytes
+            .get_or_create(labels)
+            .observe(req_bytes as f64);
+        self.response_bytes
+            .get_or_create(labels)
+            .observe(resp_bytes as f64);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,5 +263,43 @@ mod tests {
             text.contains("istio_tcp_received_bytes_total{") && text.contains("} 42"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn http_metrics_use_istio_names_and_bounded_labels() {
+        let mut registry = Registry::default();
+        let m = HttpMetrics::register(&mut registry);
+        let src = Workload {
+            name: "client",
+            namespace: "shop",
+            principal: "spiffe://cluster.local/ns/shop/sa/client",
+        };
+        let labels = HttpLabels::new(
+            src,
+            Workload::UNKNOWN,
+            Some("up"),
+            true,
+            9999,
+            Some("bogus"),
+            Some("RBAC"),
+        );
+        assert_eq!(
+            labels.response_code, 0,
+            "codes beyond 599 are not label values"
+        );
+        assert_eq!(labels.grpc_response_status, "");
+        m.record(&labels, 3.0, 10, 200);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        for want in [
+            "istio_requests_total{reporter=\"source\",source_workload=\"client\"",
+            "request_protocol=\"grpc\"",
+            "response_flags=\"RBAC\"",
+            "istio_request_duration_milliseconds_bucket{",
+            "istio_request_bytes_sum{",
+            "istio_response_bytes_count{",
+        ] {
+            assert!(text.contains(want), "{want} in {text}");
+        }
     }
 }

@@ -5,5 +5,6 @@
 //! Must not: do I/O on the request path. Metrics are in-memory atomics, encoded only when
 //! the admin endpoint is scraped.
 
+pub mod access_log;
 pub mod istio;
 pub mod logging;

@@ -143,6 +143,15 @@ impl Limiter {
             headers.push(("retry-after".into(), b.reset_secs().max(1).to_string()));
         }
         let _ = grpc;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            tracing::debug!(
+                stat_prefix = %c.stat_prefix,
+                descriptor = tightest.is_some(),
+                peer = %a.peer,
+                path = a.http.map(|h| h.path),
+                "local_ratelimit: rate limited (429)"
+            );
+        }
         Verdict::Deny(Denial {
             status: c.status,
             body: "local_rate_limited",

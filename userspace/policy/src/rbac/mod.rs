@@ -31,8 +31,9 @@ impl Compiled {
         }
     }
 
-    /// The first policy (in name order) that matches.
-    fn first_match(&self, a: &Attributes<'_>) -> Option<&str> {
+    /// The first policy (in name order) that matches, with the permission and principal
+    /// of it that matched first (for the operator: which rule of the policy decided).
+    fn first_match(&self, a: &Attributes<'_>) -> Option<Match<'_>> {
         const NONE: &[u32] = &[];
         let by_port = self
             .index
@@ -45,12 +46,30 @@ impl Compiled {
             .map_or(NONE, Vec::as_slice);
         compile::merged([by_port, by_principal, &self.index.unfiled])
             .filter_map(|i| self.rules.policies.get(i as usize))
-            .find(|p| {
-                p.permissions.iter().any(|x| matchers::permission(x, a))
-                    && p.principals.iter().any(|x| matchers::principal(x, a))
+            .find_map(|p| {
+                let permission = p
+                    .permissions
+                    .iter()
+                    .position(|x| matchers::permission(x, a))?;
+                let principal = p
+                    .principals
+                    .iter()
+                    .position(|x| matchers::principal(x, a))?;
+                Some(Match {
+                    policy: p.name.as_str(),
+                    permission,
+                    principal,
+                })
             })
-            .map(|p| p.name.as_str())
     }
+}
+
+/// Which policy matched, and which of its permissions and principals.
+#[derive(Debug, Clone, Copy)]
+struct Match<'a> {
+    policy: &'a str,
+    permission: usize,
+    principal: usize,
 }
 
 /// The outcome of one filter.
@@ -110,14 +129,15 @@ impl Engine {
     /// Decides, counts, and reports the shadow result.
     pub fn check(&self, a: &Attributes<'_>) -> Outcome {
         if let Some(shadow) = &self.shadow {
-            let matched = shadow.first_match(a);
+            let matched = shadow.first_match(a).map(|m| m.policy);
             let allowed = decide(shadow.rules.action, matched).allowed();
             self.stats.shadow(&self.name, matched, allowed);
         }
         let Some(enforced) = &self.enforced else {
             return Outcome::Allowed { matched: None };
         };
-        let matched = enforced.first_match(a);
+        let found = enforced.first_match(a);
+        let matched = found.map(|m| m.policy);
         let outcome = decide(enforced.rules.action, matched);
         self.stats.decision(
             &self.name,
@@ -125,12 +145,22 @@ impl Engine {
             matched,
             outcome.allowed(),
         );
+        // Every deny is explained where an operator looks: this line names the filter, the
+        // policy and the rule (which permission and principal of it matched; `none` when
+        // no ALLOW policy matched), next to the response flag and the access log's
+        // `response_code_details`.
         if !outcome.allowed() && tracing::enabled!(tracing::Level::DEBUG) {
+            let rule = found.map_or_else(
+                || "none".to_owned(),
+                |m| format!("permissions[{}]/principals[{}]", m.permission, m.principal),
+            );
             tracing::debug!(
                 filter = %self.name,
                 action = enforced.rules.action.as_str(),
                 policy = matched.unwrap_or("none"),
+                %rule,
                 peer = %a.peer,
+                remote_ip = %a.remote_ip,
                 principal = a.principal.unwrap_or(""),
                 destination = %a.destination,
                 method = a.http.map(|h| h.method),
