@@ -1,7 +1,7 @@
 //! Cost growth: the node proxy's memory and configuration time with N services, N in
-//! 10 / 100 / 1,000. A service is what istiod gives a node proxy for one HTTP service: a
-//! cluster with an endpoint and a virtual host with a route, on the shared per-port
-//! outbound listener. Each N is loaded by `nodemesh proxy -c` (the node proxy's engine,
+//! 10 / 100 / 1,000. A service is what istiod gives a node proxy for one HTTP service
+//! (`nodemesh_simnode::services`): a cluster with an endpoint and a virtual host with its
+//! names and routes, on the shared per-port outbound listener. Each N is loaded by `nodemesh proxy -c` (the node proxy's engine,
 //! without the eBPF half), timed from start to serving, and its RSS read once it serves;
 //! Envoy loads the same file for comparison.
 use std::{
@@ -22,42 +22,6 @@ pub struct Point {
     pub nodemesh_rss_mib: f64,
     pub envoy_ready_ms: f64,
     pub envoy_rss_mib: f64,
-}
-
-/// A bootstrap with `n` services behind one listener on `port`.
-pub fn bootstrap(n: usize, port: u16) -> String {
-    let mut vhosts = String::new();
-    let mut clusters = String::new();
-    for i in 0..n {
-        vhosts.push_str(&format!(
-            "            - name: svc-{i}\n              domains: [\"svc-{i}.bench.svc.cluster.local\", \"svc-{i}.bench.svc.cluster.local:8080\"]\n              routes:\n              - match: {{ prefix: \"/\" }}\n                route: {{ cluster: \"outbound|8080||svc-{i}.bench.svc.cluster.local\", timeout: 0s }}\n"
-        ));
-        clusters.push_str(&format!(
-            "  - name: \"outbound|8080||svc-{i}.bench.svc.cluster.local\"\n    connect_timeout: 10s\n    load_assignment:\n      cluster_name: svc-{i}\n      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 198.18.{}.{}, port_value: 8080 }} }} }} }}] }}]\n",
-            1 + i / 250,
-            1 + i % 250
-        ));
-    }
-    format!(
-        r#"static_resources:
-  listeners:
-  - name: outbound_8080
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: outbound_8080
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
-          route_config:
-            name: "8080"
-            virtual_hosts:
-{vhosts}  clusters:
-{clusters}"#
-    )
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -104,7 +68,7 @@ pub fn run(services: &[usize]) -> anyhow::Result<Vec<Point>> {
     for &n in services {
         let port = free_port()?;
         let file = work.path().join(format!("services-{n}.yaml"));
-        std::fs::write(&file, bootstrap(n, port))?;
+        std::fs::write(&file, nodemesh_simnode::services::bootstrap(n, port))?;
         let mut nm = Command::new(nodemesh_simnode::bin_path("nodemesh"));
         nm.args(["proxy", "-c"]).arg(&file).env("RUST_LOG", "error");
         let (nodemesh_ready_ms, nodemesh_rss_mib) = load(nm, port)?;

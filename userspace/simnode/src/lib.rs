@@ -22,6 +22,7 @@ mod error;
 pub mod load;
 mod node;
 mod process;
+pub mod services;
 mod sweep;
 
 pub use error::SimError;
