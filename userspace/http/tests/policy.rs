@@ -10,32 +10,13 @@ use std::{
 };
 
 use bytes::Bytes;
-use common::{Upstream, get, read};
+use common::{Upstream, get, read, snapshot, start};
 use http::Request;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
-use nodemesh_http::{TenantLimits, server::Standalone};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 const DEADLINE: Duration = Duration::from_secs(10);
-
-fn snapshot(yaml: &str) -> nodemesh_config::model::Snapshot {
-    let t = nodemesh_config::load_bootstrap(yaml).expect("bootstrap parses");
-    assert!(
-        t.diagnostics.errors.is_empty(),
-        "{:?}",
-        t.diagnostics.errors
-    );
-    t.snapshot.expect("snapshot")
-}
-
-async fn start(yaml: &str) -> (Standalone, SocketAddr) {
-    let running = nodemesh_http::server::start(snapshot(yaml), TenantLimits::default())
-        .await
-        .expect("proxy starts");
-    let addr = running.listeners[0].1;
-    (running, addr)
-}
 
 /// A bootstrap with `filters` before the router and `routes` (YAML under route_config).
 fn http_bootstrap(filters: &str, vhost_extra: &str, up: &Upstream) -> String {

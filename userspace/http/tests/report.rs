@@ -9,28 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Upstream, get};
-use nodemesh_http::{TenantLimits, server::Standalone};
+use common::{Upstream, get, start};
 
 const DEADLINE: Duration = Duration::from_secs(10);
-
-fn snapshot(yaml: &str) -> nodemesh_config::model::Snapshot {
-    let t = nodemesh_config::load_bootstrap(yaml).expect("bootstrap parses");
-    assert!(
-        t.diagnostics.errors.is_empty(),
-        "{:?}",
-        t.diagnostics.errors
-    );
-    t.snapshot.expect("snapshot")
-}
-
-async fn start(yaml: &str) -> (Standalone, SocketAddr) {
-    let running = nodemesh_http::server::start(snapshot(yaml), TenantLimits::default())
-        .await
-        .expect("proxy starts");
-    let addr = running.listeners[0].1;
-    (running, addr)
-}
 
 /// One HCM logging to `log` (in `format`, YAML under `typed_config`), with an RBAC filter
 /// that denies `/admin`.

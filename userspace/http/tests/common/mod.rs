@@ -207,3 +207,24 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+/// The snapshot of a bootstrap that must translate without errors.
+pub fn snapshot(yaml: &str) -> nodemesh_config::model::Snapshot {
+    let t = nodemesh_config::load_bootstrap(yaml).expect("bootstrap parses");
+    assert!(
+        t.diagnostics.errors.is_empty(),
+        "{:?}",
+        t.diagnostics.errors
+    );
+    t.snapshot.expect("snapshot")
+}
+
+/// The proxy serving `yaml` with default tenant limits, and its first listener's address.
+pub async fn start(yaml: &str) -> (nodemesh_http::server::Standalone, SocketAddr) {
+    let running =
+        nodemesh_http::server::start(snapshot(yaml), nodemesh_http::TenantLimits::default())
+            .await
+            .expect("proxy starts");
+    let addr = running.listeners[0].1;
+    (running, addr)
+}
