@@ -55,6 +55,11 @@ pub struct Resources {
     pub admin: Option<SocketAddr>,
     /// Diagnostics from reading the container (the bootstrap's own fields).
     pub diagnostics: Diagnostics,
+    /// Resources from xDS, which arrive type by type: a listener may name a route
+    /// configuration that has not arrived yet (it is warming). Such names are listed in
+    /// [`Translated::missing_routes`] instead of being errors, and the snapshot is still built
+    /// so that the caller can see what else it needs; it must not serve it until they arrive.
+    pub dynamic: bool,
 }
 
 /// The outcome of a translation.
@@ -63,6 +68,9 @@ pub struct Translated {
     /// `None` exactly when there are errors.
     pub snapshot: Option<Snapshot>,
     pub diagnostics: Diagnostics,
+    /// Route configurations named by listeners (RDS) but absent, when
+    /// [`Resources::dynamic`]; otherwise each is an error.
+    pub missing_routes: std::collections::BTreeSet<String>,
 }
 
 const HCM_URL: &str =
@@ -290,7 +298,7 @@ fn translate_checked(res: &Resources, check: bool) -> Translated {
             snapshot.listeners.push(Arc::new(built));
         }
     }
-    cross_check(&snapshot, &mut cx.diags);
+    let missing_routes = cross_check(&snapshot, res.dynamic, &mut cx.diags);
     let diagnostics = cx.diags;
     Translated {
         snapshot: diagnostics.is_ok().then(|| Snapshot {
@@ -298,11 +306,18 @@ fn translate_checked(res: &Resources, check: bool) -> Translated {
             ..snapshot
         }),
         diagnostics,
+        missing_routes,
     }
 }
 
-/// References between resources: RDS names and clusters.
-fn cross_check(s: &Snapshot, diags: &mut Diagnostics) {
+/// References between resources: RDS names and clusters. Returns the route configurations
+/// that are named but absent when `dynamic` allows that (they are still warming).
+fn cross_check(
+    s: &Snapshot,
+    dynamic: bool,
+    diags: &mut Diagnostics,
+) -> std::collections::BTreeSet<String> {
+    let mut missing = std::collections::BTreeSet::new();
     let cluster = |name: &str, at: &str, diags: &mut Diagnostics| {
         if !s.clusters.contains_key(name) {
             diags.error(format!("{at}: unknown cluster {name:?}"));
@@ -334,18 +349,21 @@ fn cross_check(s: &Snapshot, diags: &mut Diagnostics) {
             let at = format!("listener {:?} filter_chain {:?}", l.name, chain.name);
             match &chain.filter {
                 NetworkFilter::Tcp(t) => target(&t.target, &format!("{at} tcp_proxy"), diags),
-                NetworkFilter::Http(h) => {
-                    match &h.routes {
-                        RouteSource::Inline(rc) => routes(rc, diags),
-                        RouteSource::Named(name) if !s.routes.contains_key(name) => {
+                NetworkFilter::Http(h) => match &h.routes {
+                    RouteSource::Inline(rc) => routes(rc, diags),
+                    RouteSource::Named(name) if !s.routes.contains_key(name) => {
+                        if dynamic {
+                            missing.insert(name.clone());
+                        } else {
                             diags.error(format!("{at} http_connection_manager.rds: unknown route configuration {name:?}"));
                         }
-                        RouteSource::Named(_) => {}
                     }
-                }
+                    RouteSource::Named(_) => {}
+                },
             }
         }
     }
+    missing
 }
 
 struct Cx {

@@ -29,6 +29,19 @@ pub fn message(full_name: &str) -> Result<MessageDescriptor, ConfigError> {
         .ok_or_else(|| ConfigError::UnknownType(full_name.to_owned()))
 }
 
+/// Decodes a typed `Any` (an xDS resource, an extension's `typed_config`) by its type URL.
+pub fn decode_any(
+    any: &envoy_types::pb::google::protobuf::Any,
+) -> Result<DynamicMessage, ConfigError> {
+    let full_name = any.type_url.rsplit('/').next().unwrap_or_default();
+    DynamicMessage::decode(message(full_name)?, any.value.as_slice()).map_err(|e| {
+        ConfigError::Mapping {
+            type_name: full_name.to_owned(),
+            message: e.to_string(),
+        }
+    })
+}
+
 /// Parses `text` (YAML or JSON; JSON is YAML) as a `full_name` message.
 ///
 /// Unknown fields are ignored rather than rejected: dumps from older or newer Envoy and
