@@ -31,8 +31,14 @@ const PANIC_THRESHOLD_PERCENT: usize = 50;
 /// A cluster's live state.
 #[derive(Debug)]
 pub struct ClusterState {
+    /// The configuration the state was built with. After an in-place endpoint update its
+    /// endpoint list is the old one: the live set is [`Self::hosts`].
     pub config: Arc<Cluster>,
     hosts: ArcSwap<Vec<Arc<Host>>>,
+    /// No longer in the configuration: connections are not pooled any more.
+    retired: AtomicBool,
+    /// Health check and DNS tasks, stopped on retirement and on drop.
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     pub(crate) rr: AtomicUsize,
     pub(crate) stats: ClusterStats,
     pub(crate) circuit: Circuit,
@@ -108,6 +114,8 @@ impl ClusterState {
         let state = Arc::new(Self {
             config,
             hosts: ArcSwap::from_pointee(hosts),
+            retired: AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
             rr: AtomicUsize::new(0),
             stats,
             circuit: Circuit::default(),
@@ -125,17 +133,54 @@ impl ClusterState {
         self.hosts.load_full()
     }
 
-    /// Replaces the endpoint set (DNS refresh), keeping the state of endpoints that remain.
+    /// Removed from (or replaced in) the configuration: stops the health check and DNS
+    /// tasks and closes idle pooled connections. Requests in flight finish; their
+    /// connections are not pooled again.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.stop_tasks();
+        self.pool.clear();
+    }
+
+    pub(crate) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn add_task(&self, task: tokio::task::AbortHandle) {
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
+    }
+
+    fn stop_tasks(&self) {
+        for task in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+
+    /// Replaces the endpoint set (DNS refresh, EDS update), keeping the state (health,
+    /// outlier ejection) of endpoints that remain unchanged. An endpoint whose weight,
+    /// hostname or EDS health changed is a new host that keeps its active-check verdict.
     pub fn set_endpoints(&self, endpoints: &[Endpoint]) {
         let active_hc = !self.config.health_checks.is_empty();
         let old = self.hosts.load();
         let hosts: Vec<Arc<Host>> = endpoints
             .iter()
-            .map(|e| {
-                old.iter()
-                    .find(|h| h.address == e.address)
-                    .cloned()
-                    .unwrap_or_else(|| Host::new(e, active_hc))
+            .map(|e| match old.iter().find(|h| h.address == e.address) {
+                Some(h) if h.is(e) => h.clone(),
+                Some(h) => {
+                    let host = Host::new(e, active_hc);
+                    host.active_ok
+                        .store(h.active_ok.load(Ordering::Relaxed), Ordering::Relaxed);
+                    host
+                }
+                None => Host::new(e, active_hc),
             })
             .collect();
         if hosts.len() != old.len()
@@ -266,6 +311,12 @@ impl ClusterState {
     }
 }
 
+impl Drop for ClusterState {
+    fn drop(&mut self) {
+        self.stop_tasks();
+    }
+}
+
 /// A request's outcome, for outlier detection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -310,6 +361,14 @@ impl Host {
             },
             false,
         )
+    }
+
+    /// Whether this host is `e` (as configured).
+    fn is(&self, e: &Endpoint) -> bool {
+        self.address == e.address
+            && self.hostname == e.hostname
+            && self.weight == e.weight.max(1)
+            && self.eds_healthy == e.healthy
     }
 
     fn is_ejected(&self, now: Instant) -> bool {
