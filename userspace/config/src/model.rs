@@ -550,8 +550,12 @@ impl Cluster {
         let discovery_kind = match (discovery, &other.discovery) {
             (Discovery::Static(_), Discovery::Static(_)) => true,
             (
-                Discovery::Eds { service_name: a, .. },
-                Discovery::Eds { service_name: b, .. },
+                Discovery::Eds {
+                    service_name: a, ..
+                },
+                Discovery::Eds {
+                    service_name: b, ..
+                },
             ) => a == b,
             (a, b) => a == b,
         };

@@ -342,7 +342,15 @@ async fn dispatch(
 ) -> (Response<RespBody>, Option<String>) {
     let state = ctx.engine.state();
     let routes: Option<Arc<RouteConfig>> = match &ctx.hcm.routes {
-        RouteSource::Inline(rc) => Some(rc.clone()),
+        // The chain's routes as configured now (an update may have changed them; an open
+        // connection's next request uses the new ones), or the connection's own if its
+        // chain is gone.
+        RouteSource::Inline(rc) => Some(
+            state
+                .policies
+                .inline_routes(&ctx.chain_key)
+                .unwrap_or_else(|| rc.clone()),
+        ),
         RouteSource::Named(name) => state.snapshot.routes.get(name).cloned(),
     };
     let Some(routes) = routes else {

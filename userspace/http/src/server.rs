@@ -160,7 +160,9 @@ pub async fn start(snapshot: Snapshot, limits: TenantLimits) -> std::io::Result<
             )
         })?;
         running.bound.insert(config.name.clone(), bound);
-        running.listeners.push((config.name.clone(), running.bound[&config.name].local));
+        running
+            .listeners
+            .push((config.name.clone(), running.bound[&config.name].local));
     }
     if let Some(addr) = admin_addr {
         let socket = TcpListener::bind(addr)
@@ -213,7 +215,9 @@ impl Standalone {
                                 listener: config.name.clone(),
                             })
                             .inc();
-                        applied.failed.push((config.name.clone(), config.address, e));
+                        applied
+                            .failed
+                            .push((config.name.clone(), config.address, e));
                         // A listener that moved keeps serving on its old address.
                         if let Some(old) = live {
                             bound.insert(config.name.clone(), old);
@@ -281,7 +285,9 @@ async fn bind(engine: &Arc<Engine>, config: &Arc<Listener>) -> std::io::Result<B
                 destination,
                 source: Source::peer(peer),
             };
-            let serve = engine.clone().serve_draining(stream, accepted, drain.clone());
+            let serve = engine
+                .clone()
+                .serve_draining(stream, accepted, drain.clone());
             let mut close = close_rx.clone();
             tokio::spawn(async move {
                 tokio::select! {

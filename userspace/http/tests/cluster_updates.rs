@@ -92,7 +92,10 @@ impl Counting {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("{path} was requested {} times, not {at_least}", self.path(path));
+        panic!(
+            "{path} was requested {} times, not {at_least}",
+            self.path(path)
+        );
     }
 }
 
@@ -169,7 +172,10 @@ async fn an_update_keeps_unchanged_clusters_and_applies_changed_ones() {
     assert_eq!(a.accepted(), 1, "HTTP/2 upstream connection shared");
     let c1 = get(proxy, "x", "/c", &[]).await;
     assert_eq!(c1.json()["version"], "HTTP/1.1");
-    assert_eq!(get(proxy, "x", "/b", &[]).await.upstream().as_deref(), Some("b1"));
+    assert_eq!(
+        get(proxy, "x", "/b", &[]).await.upstream().as_deref(),
+        Some("b1")
+    );
     let before = running.engine.state();
 
     // a unchanged (new route to it); b: new endpoint only; c: now HTTP/2; gone: removed.
@@ -202,11 +208,21 @@ async fn an_update_keeps_unchanged_clusters_and_applies_changed_ones() {
     assert_eq!(get(proxy, "x", "/a2", &[]).await.status, 200);
     assert_eq!(get(proxy, "x", "/a", &[]).await.status, 200);
     assert_eq!(a.path("/a2"), 1);
-    assert_eq!(a.accepted(), 1, "an unchanged cluster keeps its upstream connection");
+    assert_eq!(
+        a.accepted(),
+        1,
+        "an unchanged cluster keeps its upstream connection"
+    );
     // The changed clusters serve their new configuration.
-    assert_eq!(get(proxy, "x", "/b", &[]).await.upstream().as_deref(), Some("b2"));
+    assert_eq!(
+        get(proxy, "x", "/b", &[]).await.upstream().as_deref(),
+        Some("b2")
+    );
     assert_eq!(after.clusters["b"].hosts()[0].address, b2.addr);
-    assert_eq!(get(proxy, "x", "/c", &[]).await.json()["version"], "HTTP/2.0");
+    assert_eq!(
+        get(proxy, "x", "/c", &[]).await.json()["version"],
+        "HTTP/2.0"
+    );
     assert_eq!(get(proxy, "x", "/gone", &[]).await.status, 404);
 }
 
@@ -230,7 +246,10 @@ async fn health_checks_of_replaced_and_removed_clusters_stop() {
     let v1 = bootstrap(
         port,
         &routes,
-        &[other_cluster.clone(), health_checked("hc", up.addr.port(), "/old")],
+        &[
+            other_cluster.clone(),
+            health_checked("hc", up.addr.port(), "/old"),
+        ],
     );
     let (running, proxy) = start(&v1).await;
     up.wait_path("/old", 2).await;
@@ -245,7 +264,10 @@ async fn health_checks_of_replaced_and_removed_clusters_stop() {
     let v2 = bootstrap(
         port,
         &routes,
-        &[other_cluster.clone(), health_checked("hc", up.addr.port(), "/new")],
+        &[
+            other_cluster.clone(),
+            health_checked("hc", up.addr.port(), "/new"),
+        ],
     );
     assert_eq!(running.engine.update(snapshot(&v2)).built, 1);
     up.wait_path("/new", 2).await;
