@@ -55,7 +55,7 @@ impl Counting {
                         let p = p.clone();
                         async move {
                             *p.lock()
-                                .unwrap()
+                                .expect("counts")
                                 .entry(req.uri().path().to_owned())
                                 .or_default() += 1;
                             Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(
@@ -82,7 +82,12 @@ impl Counting {
     }
 
     fn path(&self, path: &str) -> u32 {
-        self.paths.lock().unwrap().get(path).copied().unwrap_or(0)
+        self.paths
+            .lock()
+            .expect("counts")
+            .get(path)
+            .copied()
+            .unwrap_or(0)
     }
 
     async fn wait_path(&self, path: &str, at_least: u32) {

@@ -127,7 +127,7 @@ async fn an_added_listener_is_bound_and_served() {
     let a = Upstream::start("a").await;
     let one = listener("one", 0, &[("/", "a")]);
     let mut running = server::start(
-        snapshot(&bootstrap(&[one.clone()], &[&a])),
+        snapshot(&bootstrap(std::slice::from_ref(&one), &[&a])),
         TenantLimits::default(),
     )
     .await
@@ -272,7 +272,7 @@ async fn a_bind_failure_is_reported_and_the_rest_applied() {
     let taken_port = taken.local_addr().expect("addr").port();
     let one = listener("one", 0, &[("/", "a")]);
     let mut running = server::start(
-        snapshot(&bootstrap(&[one.clone()], &[&a])),
+        snapshot(&bootstrap(std::slice::from_ref(&one), &[&a])),
         TenantLimits::default(),
     )
     .await
