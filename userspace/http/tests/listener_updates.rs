@@ -301,3 +301,82 @@ async fn a_bind_failure_is_reported_and_the_rest_applied() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn http2_connections_of_a_removed_listener_get_a_goaway() {
+    let a = Upstream::start("a").await;
+    let gone = listener("gone", 0, &[("/", "a")]);
+    let mut running = server::start(
+        snapshot(&bootstrap(std::slice::from_ref(&gone), &[&a])),
+        TenantLimits::default(),
+    )
+    .await
+    .expect("starts");
+    let addr = running.listener("gone").expect("bound");
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2c handshake");
+    let conn = tokio::spawn(conn);
+    let req = || {
+        http::Request::get(format!("http://{addr}/"))
+            .header("x-echo-delay-ms", "300")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("request")
+    };
+    let in_flight = sender.send_request(req());
+    let in_flight = tokio::spawn(in_flight);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A drain time far longer than the test: only a GOAWAY can end the connection early.
+    let applied = running
+        .apply(snapshot(&bootstrap(&[], &[&a])), Duration::from_secs(600))
+        .await;
+    assert_eq!(applied.draining, ["gone"]);
+    let response = in_flight
+        .await
+        .expect("task")
+        .expect("the open stream finishes");
+    assert_eq!(response.status(), 200);
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    assert!(
+        ended.is_ok(),
+        "the HTTP/2 connection did not end after GOAWAY"
+    );
+    assert!(
+        sender.send_request(req()).await.is_err(),
+        "no new stream after GOAWAY"
+    );
+}
+
+#[tokio::test]
+async fn a_listener_that_moves_is_rebound_and_its_old_socket_drains() {
+    let a = Upstream::start("a").await;
+    let (p1, p2) = (common::free_port(), common::free_port());
+    let mut running = server::start(
+        snapshot(&bootstrap(&[listener("main", p1, &[("/", "a")])], &[&a])),
+        TenantLimits::default(),
+    )
+    .await
+    .expect("starts");
+    let old = running.listener("main").expect("bound");
+    let mut open = Raw::connect(old).await;
+    assert!(open.get("/", "").await.0.starts_with("http/1.1 200"));
+    let applied = running
+        .apply(
+            snapshot(&bootstrap(&[listener("main", p2, &[("/", "a")])], &[&a])),
+            Duration::from_millis(300),
+        )
+        .await;
+    assert_eq!(applied.draining, ["main"]);
+    assert_eq!(applied.bound.len(), 1);
+    let new = running.listener("main").expect("rebound");
+    assert_eq!(new.port(), p2);
+    assert!(refused(old).await, "the old address still accepts");
+    assert_eq!(get(new, "x", "/", &[]).await.status, 200);
+    // The connection on the old socket drains like a removed listener's.
+    let (head, _) = open.get("/", "").await;
+    assert!(head.contains("connection: close"), "{head}");
+}
