@@ -396,3 +396,67 @@ impl Host {
 
 /// How long until a DNS cluster is resolved again after a failure.
 pub(crate) const DNS_RETRY: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use nodemesh_config::model::{CircuitBreakers, Http2Settings, LbPolicy, UpstreamProtocol};
+
+    use super::*;
+
+    fn endpoint(port: u16, weight: u32, healthy: bool) -> Endpoint {
+        Endpoint {
+            address: SocketAddr::from(([127, 0, 0, 1], port)),
+            hostname: String::new(),
+            weight,
+            healthy,
+        }
+    }
+
+    fn cluster(endpoints: Vec<Endpoint>) -> Cluster {
+        Cluster {
+            name: "c".into(),
+            discovery: Discovery::Eds {
+                service_name: "c".into(),
+                endpoints,
+            },
+            lb: LbPolicy::RoundRobin,
+            connect_timeout: Duration::from_secs(1),
+            limits: CircuitBreakers::default(),
+            protocol: UpstreamProtocol::Http1,
+            http2: Http2Settings::default(),
+            idle_timeout: None,
+            max_requests_per_connection: None,
+            health_checks: Vec::new(),
+            outlier: None,
+        }
+    }
+
+    #[test]
+    fn an_eds_update_keeps_unchanged_hosts_and_replaces_changed_ones() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let stats = crate::stats::Stats::register(&mut registry);
+        let v1 = cluster(vec![endpoint(1, 1, true), endpoint(2, 1, true)]);
+        let v2 = cluster(vec![
+            endpoint(1, 1, true),
+            endpoint(2, 1, false),
+            endpoint(3, 5, true),
+        ]);
+        assert!(v1.same_except_endpoints(&v2) && v1 != v2);
+        let state = ClusterState::new(Arc::new(v1), stats.cluster("c"));
+        let before = state.hosts();
+        state.set_endpoints(v2.endpoints().expect("eds"));
+        let after = state.hosts();
+        assert_eq!(after.len(), 3);
+        assert!(
+            Arc::ptr_eq(&before[0], &after[0]),
+            "unchanged endpoint keeps its state"
+        );
+        assert!(!Arc::ptr_eq(&before[1], &after[1]));
+        assert_eq!(after[1].health_label(), "failed_eds_health");
+        assert_eq!(after[2].weight, 5);
+        let now = Instant::now();
+        let eligible: Vec<u16> = state.eligible().iter().map(|h| h.address.port()).collect();
+        assert_eq!(eligible, [1, 3]);
+        assert!(after[0].is_healthy(now));
+    }
+}
