@@ -259,8 +259,13 @@ async fn health_checks_of_replaced_and_removed_clusters_stop() {
     let (running, proxy) = start(&v1).await;
     up.wait_path("/old", 2).await;
 
-    // Unchanged: the same state keeps checking.
-    let s = running.engine.update(snapshot(&v1));
+    // Unchanged: the same state keeps checking. (Applied from another task, as the xDS
+    // client does.)
+    let engine = running.engine.clone();
+    let unchanged = snapshot(&v1);
+    let s = tokio::spawn(async move { engine.update(unchanged) })
+        .await
+        .expect("update task");
     assert_eq!(s.kept, 2);
     let n = up.path("/old");
     up.wait_path("/old", n + 2).await;

@@ -380,3 +380,14 @@ async fn a_listener_that_moves_is_rebound_and_its_old_socket_drains() {
     let (head, _) = open.get("/", "").await;
     assert!(head.contains("connection: close"), "{head}");
 }
+
+/// The xDS client applies updates from its own task: `apply`'s future must be `Send`.
+#[allow(dead_code)]
+fn apply_can_run_on_another_task(
+    running: &mut server::Standalone,
+    snapshot: nodemesh_config::model::Snapshot,
+) {
+    fn send<T: Send>(_: &T) {}
+    let apply = running.apply(snapshot, Duration::ZERO);
+    send(&apply);
+}
