@@ -14,8 +14,10 @@
 //!
 //! Owns: everything between an accepted connection and its upstream, for one immutable
 //! configuration [`State`] at a time ([`Engine::update`] swaps it atomically; requests in
-//! flight finish on the state they started with), its statistics ([`stats`]) and the admin
-//! endpoints ([`admin`]).
+//! flight finish on the state they started with; clusters the update leaves unchanged keep
+//! their live state and pooled connections, see ARCHITECTURE.md, "Configuration updates"),
+//! its statistics ([`stats`]) and the admin endpoints ([`admin`]). Listener sockets and
+//! their drain on removal are [`server`]'s (`nodemesh proxy -c`).
 //!
 //! Must not: know how a connection was captured (the node proxy and `nodemesh proxy -c`
 //! both hand it over with an [`Accepted`]), or open upstream sockets itself: a [`Connector`]
