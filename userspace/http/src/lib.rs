@@ -209,6 +209,8 @@ pub struct Engine {
     close_denied: std::sync::atomic::AtomicBool,
     /// Istio's request metrics and the access log writers.
     reporter: report::Reporter,
+    /// Serializes updates: each diffs against the state the previous one published.
+    updating: std::sync::Mutex<()>,
 }
 
 impl fmt::Debug for Engine {
@@ -243,6 +245,7 @@ impl Engine {
             updates: tokio::sync::watch::Sender::new(0),
             close_denied: std::sync::atomic::AtomicBool::new(true),
             reporter: report::Reporter::register(registry),
+            updating: std::sync::Mutex::new(()),
         });
         let _ = engine.update(snapshot);
         engine
@@ -256,9 +259,10 @@ impl Engine {
     /// and gets the new host set in place; any other change builds a new state. States of
     /// removed or replaced clusters are [retired](ClusterState::retire): their health checks
     /// stop and their idle connections close. Synchronous and `&self`, so it can be called
-    /// from any task (the xDS client calls it for each accepted update); it must run inside
-    /// a tokio runtime (new clusters start their tasks).
+    /// from any task (the xDS client calls it for each accepted update); concurrent calls
+    /// are serialized. It must run inside a tokio runtime (new clusters start their tasks).
     pub fn update(&self, snapshot: Snapshot) -> UpdateSummary {
+        let _one_at_a_time = self.updating.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.state.load_full();
         let mut summary = UpdateSummary::default();
         let clusters: HashMap<String, Arc<ClusterState>> = snapshot
