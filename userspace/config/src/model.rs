@@ -502,8 +502,9 @@ pub struct RetryPolicy {
     pub backoff_max: Duration,
 }
 
-/// `Cluster`.
-#[derive(Debug)]
+/// `Cluster`. Compared whole (`==`) by the engine to decide whether an update keeps a
+/// cluster's live state (pooled connections, health, outlier state).
+#[derive(Debug, PartialEq, Eq)]
 pub struct Cluster {
     pub name: String,
     pub discovery: Discovery,
@@ -517,6 +518,59 @@ pub struct Cluster {
     pub max_requests_per_connection: Option<u32>,
     pub health_checks: Vec<HealthCheck>,
     pub outlier: Option<OutlierDetection>,
+}
+
+impl Cluster {
+    /// The endpoints the configuration lists (`STATIC` and `EDS`); none for clusters that
+    /// find them at run time (DNS, original destination).
+    pub fn endpoints(&self) -> Option<&[Endpoint]> {
+        match &self.discovery {
+            Discovery::Static(e) | Discovery::Eds { endpoints: e, .. } => Some(e),
+            Discovery::StrictDns { .. } | Discovery::OriginalDst { .. } => None,
+        }
+    }
+
+    /// Equal in everything but the listed endpoints: an EDS update of the same cluster,
+    /// which the engine applies to the live host set in place.
+    pub fn same_except_endpoints(&self, other: &Self) -> bool {
+        // Destructured so that a new field must be considered here.
+        let Self {
+            name,
+            discovery,
+            lb,
+            connect_timeout,
+            limits,
+            protocol,
+            http2,
+            idle_timeout,
+            max_requests_per_connection,
+            health_checks,
+            outlier,
+        } = self;
+        let discovery_kind = match (discovery, &other.discovery) {
+            (Discovery::Static(_), Discovery::Static(_)) => true,
+            (
+                Discovery::Eds {
+                    service_name: a, ..
+                },
+                Discovery::Eds {
+                    service_name: b, ..
+                },
+            ) => a == b,
+            (a, b) => a == b,
+        };
+        discovery_kind
+            && *name == other.name
+            && *lb == other.lb
+            && *connect_timeout == other.connect_timeout
+            && *limits == other.limits
+            && *protocol == other.protocol
+            && *http2 == other.http2
+            && *idle_timeout == other.idle_timeout
+            && *max_requests_per_connection == other.max_requests_per_connection
+            && *health_checks == other.health_checks
+            && *outlier == other.outlier
+    }
 }
 
 /// How a cluster finds its endpoints.

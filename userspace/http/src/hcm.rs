@@ -56,10 +56,13 @@ pub(crate) struct ConnCtx {
     /// The filters compiled when the connection started (used if its chain is gone).
     pub filters: Option<Arc<nodemesh_policy::HttpChain>>,
     pub scope: nodemesh_policy::ConnScope,
+    /// Set when the connection's listener drains (see [`crate::Drain`]).
+    pub drain: crate::Drain,
 }
 
 /// Serves an HTTP connection (`h2`: HTTP/2 with prior knowledge) until the client closes
 /// it or it fails.
+#[allow(clippy::too_many_arguments)] // one call site (Engine::serve_draining), all distinct
 pub async fn serve(
     engine: Arc<Engine>,
     hcm: Arc<HttpManager>,
@@ -68,6 +71,7 @@ pub async fn serve(
     accepted: Accepted,
     chain_key: crate::policy::ChainKey,
     filters: Option<Arc<nodemesh_policy::HttpChain>>,
+    drain: crate::Drain,
 ) {
     engine
         .stats()
@@ -82,6 +86,7 @@ pub async fn serve(
         chain_key,
         filters,
         scope: nodemesh_policy::ConnScope::default(),
+        drain: drain.clone(),
     });
     let service = service_fn(move |req: Request<Incoming>| {
         let ctx = ctx.clone();
@@ -110,6 +115,12 @@ pub async fn serve(
             expired = timers => {
                 conn.as_mut().graceful_shutdown();
                 on_expired(&engine, expired);
+                conn.await
+            }
+            () = drain.started() => {
+                // GOAWAY: streams open now finish, no new ones start.
+                conn.as_mut().graceful_shutdown();
+                debug!("listener draining: HTTP/2 connection sent GOAWAY");
                 conn.await
             }
         }
@@ -205,7 +216,13 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody>
     );
     entry.bytes_received = content_length;
     let request_bytes = report::head_size(req.headers()) + content_length;
-    let (response, sanitized) = handle_stream(&ctx, req, grpc, keep_headers).await;
+    let (mut response, sanitized) = handle_stream(&ctx, req, grpc, keep_headers).await;
+    if !ctx.downstream_h2 && ctx.drain.is_draining() {
+        // HTTP/1.1 on a draining listener: this response is the connection's last.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let (parts, body) = response.into_parts();
     if let Some((client, headers)) = sanitized {
         // Envoy: the peer's address, or the forwarded client's with port 0.
@@ -325,7 +342,15 @@ async fn dispatch(
 ) -> (Response<RespBody>, Option<String>) {
     let state = ctx.engine.state();
     let routes: Option<Arc<RouteConfig>> = match &ctx.hcm.routes {
-        RouteSource::Inline(rc) => Some(rc.clone()),
+        // The chain's routes as configured now (an update may have changed them; an open
+        // connection's next request uses the new ones), or the connection's own if its
+        // chain is gone.
+        RouteSource::Inline(rc) => Some(
+            state
+                .policies
+                .inline_routes(&ctx.chain_key)
+                .unwrap_or_else(|| rc.clone()),
+        ),
         RouteSource::Named(name) => state.snapshot.routes.get(name).cloned(),
     };
     let Some(routes) = routes else {

@@ -14,8 +14,10 @@
 //!
 //! Owns: everything between an accepted connection and its upstream, for one immutable
 //! configuration [`State`] at a time ([`Engine::update`] swaps it atomically; requests in
-//! flight finish on the state they started with), its statistics ([`stats`]) and the admin
-//! endpoints ([`admin`]).
+//! flight finish on the state they started with; clusters the update leaves unchanged keep
+//! their live state and pooled connections, see ARCHITECTURE.md, "Configuration updates"),
+//! its statistics ([`stats`]) and the admin endpoints ([`admin`]). Listener sockets and
+//! their drain on removal are [`server`]'s (`nodemesh proxy -c`).
 //!
 //! Must not: know how a connection was captured (the node proxy and `nodemesh proxy -c`
 //! both hand it over with an [`Accepted`]), or open upstream sockets itself: a [`Connector`]
@@ -150,6 +152,49 @@ pub struct State {
     pub policies: policy::Compiled,
 }
 
+/// Whether a connection's listener is draining (removed from the configuration).
+#[derive(Debug, Clone)]
+pub struct Drain(tokio::sync::watch::Receiver<bool>);
+
+impl Drain {
+    /// A drain signal and its sender: `send(true)` starts the drain.
+    pub fn channel() -> (tokio::sync::watch::Sender<bool>, Self) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        (tx, Self(rx))
+    }
+
+    /// A connection that never drains (its listener lives as long as the process).
+    pub fn never() -> Self {
+        // The sender is dropped: `started` then never resolves (see there).
+        Self::channel().1
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once the drain starts; never, if the sender is gone without starting it.
+    pub async fn started(&self) {
+        let mut rx = self.0.clone();
+        if rx.wait_for(|d| *d).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// What [`Engine::update`] did with the clusters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpdateSummary {
+    /// Unchanged: live state kept.
+    pub kept: usize,
+    /// Only the listed endpoints changed: hosts replaced in place, the rest kept.
+    pub endpoints_updated: usize,
+    /// New or changed: state built from the new configuration.
+    pub built: usize,
+    /// Removed or replaced: health checks stopped, idle connections closed.
+    pub retired: usize,
+}
+
 /// The L7 proxy.
 pub struct Engine {
     state: ArcSwap<State>,
@@ -164,6 +209,8 @@ pub struct Engine {
     close_denied: std::sync::atomic::AtomicBool,
     /// Istio's request metrics and the access log writers.
     reporter: report::Reporter,
+    /// Serializes updates: each diffs against the state the previous one published.
+    updating: std::sync::Mutex<()>,
 }
 
 impl fmt::Debug for Engine {
@@ -198,23 +245,62 @@ impl Engine {
             updates: tokio::sync::watch::Sender::new(0),
             close_denied: std::sync::atomic::AtomicBool::new(true),
             reporter: report::Reporter::register(registry),
+            updating: std::sync::Mutex::new(()),
         });
-        engine.update(snapshot);
+        let _ = engine.update(snapshot);
         engine
     }
 
-    /// Publishes a new configuration. Clusters are rebuilt from it; requests in flight keep
-    /// the state they started with.
-    pub fn update(&self, snapshot: Snapshot) {
+    /// Publishes a new configuration; requests in flight keep the state they started with.
+    ///
+    /// Clusters are diffed by name against the live state: a cluster whose `Cluster` is
+    /// equal keeps its [`ClusterState`] (pooled upstream connections, health and outlier
+    /// state, health check tasks); one whose listed endpoints alone changed (EDS) keeps it
+    /// and gets the new host set in place; any other change builds a new state. States of
+    /// removed or replaced clusters are [retired](ClusterState::retire): their health checks
+    /// stop and their idle connections close. Synchronous and `&self`, so it can be called
+    /// from any task (the xDS client calls it for each accepted update); concurrent calls
+    /// are serialized. It must run inside a tokio runtime (new clusters start their tasks).
+    pub fn update(&self, snapshot: Snapshot) -> UpdateSummary {
+        let _one_at_a_time = self.updating.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.state.load_full();
+        let mut summary = UpdateSummary::default();
         let clusters: HashMap<String, Arc<ClusterState>> = snapshot
             .clusters
             .iter()
             .map(|(name, config)| {
+                if let Some(live) = old.clusters.get(name) {
+                    if *live.config == **config {
+                        summary.kept += 1;
+                        return (name.clone(), live.clone());
+                    }
+                    if live.config.same_except_endpoints(config)
+                        && let Some(endpoints) = config.endpoints()
+                    {
+                        live.set_endpoints(endpoints);
+                        summary.endpoints_updated += 1;
+                        return (name.clone(), live.clone());
+                    }
+                }
                 let state = ClusterState::new(config.clone(), self.stats.cluster(name));
                 upstream::health::start(&state, &self.connector);
+                summary.built += 1;
                 (name.clone(), state)
             })
             .collect();
+        for (name, live) in &old.clusters {
+            if !clusters.get(name).is_some_and(|c| Arc::ptr_eq(c, live)) {
+                live.retire();
+                summary.retired += 1;
+            }
+        }
+        debug!(
+            kept = summary.kept,
+            endpoints_updated = summary.endpoints_updated,
+            built = summary.built,
+            retired = summary.retired,
+            "clusters updated"
+        );
         let policies = policy::Compiled::build(&snapshot, &self.policies);
         self.reporter.configure(&snapshot);
         self.state.store(Arc::new(State {
@@ -224,6 +310,7 @@ impl Engine {
         }));
         // Open connections re-check their network policy against what was just published.
         self.updates.send_modify(|v| *v += 1);
+        summary
     }
 
     /// Whether open connections a new network policy denies are closed (default: yes).
@@ -277,6 +364,19 @@ impl Engine {
 
     /// Serves one accepted connection to its end.
     pub async fn serve(self: Arc<Self>, stream: TcpStream, accepted: Accepted) {
+        self.serve_draining(stream, accepted, Drain::never()).await;
+    }
+
+    /// [`Self::serve`] for a connection whose listener may drain: once `drain` starts, an
+    /// HTTP/1.1 connection's next response carries `connection: close` and an HTTP/2
+    /// connection gets a GOAWAY. Closing what is still open when the drain time is over is
+    /// the caller's (drop this future).
+    pub async fn serve_draining(
+        self: Arc<Self>,
+        stream: TcpStream,
+        accepted: Accepted,
+        drain: Drain,
+    ) {
         // Responses are written as the codecs produce them; Nagle's algorithm would hold
         // small writes (gRPC trailers, HTTP/2 frames) for a delayed ACK.
         let _ = stream.set_nodelay(true);
@@ -364,7 +464,7 @@ impl Engine {
                 let io = detect::Rewind::new(prefix, stream);
                 let chain_filters = state.policies.http(&key);
                 tokio::select! {
-                    () = hcm::serve(self.clone(), hcm, io, h2, accepted, key, chain_filters) => {}
+                    () = hcm::serve(self.clone(), hcm, io, h2, accepted, key, chain_filters, drain) => {}
                     () = watch => {}
                 }
             }

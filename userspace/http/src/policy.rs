@@ -73,6 +73,8 @@ impl ConnAttrs {
 struct ChainPolicies {
     network: Arc<NetworkChain>,
     http: Option<Arc<HttpChain>>,
+    /// The chain's inline route configuration, for open connections' next requests.
+    routes: Option<Arc<nodemesh_config::model::RouteConfig>>,
 }
 
 /// Every chain's compiled filters.
@@ -92,11 +94,19 @@ impl Compiled {
                     }
                     _ => None,
                 };
+                let routes = match &chain.filter {
+                    NetworkFilter::Http(h) => match &h.routes {
+                        nodemesh_config::model::RouteSource::Inline(rc) => Some(rc.clone()),
+                        nodemesh_config::model::RouteSource::Named(_) => None,
+                    },
+                    NetworkFilter::Tcp(_) => None,
+                };
                 chains.insert(
                     ChainKey::of(l, chain),
                     ChainPolicies {
                         network: NetworkChain::compile(&chain.policies, policies),
                         http,
+                        routes,
                     },
                 );
             }
@@ -115,6 +125,15 @@ impl Compiled {
 
     pub fn is_empty(&self) -> bool {
         self.chains.is_empty()
+    }
+
+    /// The inline route configuration chain `key` has now (none if the chain is gone or
+    /// uses RDS).
+    pub fn inline_routes(
+        &self,
+        key: &ChainKey,
+    ) -> Option<Arc<nodemesh_config::model::RouteConfig>> {
+        self.chains.get(key).and_then(|c| c.routes.clone())
     }
 
     pub fn http(&self, key: &ChainKey) -> Option<Arc<HttpChain>> {

@@ -3,8 +3,9 @@
 //! As in Envoy, an endpoint under active checking starts unhealthy and becomes healthy after
 //! its first passing check; after that it takes `unhealthy_threshold` consecutive failures
 //! to mark it unhealthy and `healthy_threshold` consecutive passes to bring it back. Checks
-//! come from the node proxy itself (no source pod). The tasks hold only a weak reference:
-//! they end when the cluster is removed or replaced.
+//! come from the node proxy itself (no source pod). The tasks hold only a weak reference
+//! and are aborted when their cluster is retired (removed from or replaced in the
+//! configuration) or dropped; a cluster an update keeps keeps its tasks and their streaks.
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -28,12 +29,14 @@ pub(crate) fn start(cluster: &Arc<ClusterState>, connector: &Arc<dyn Connector>)
         let weak = Arc::downgrade(cluster);
         let check = check.clone();
         let connector = connector.clone();
-        tokio::spawn(async move { check_loop(weak, check, connector).await });
+        let task = tokio::spawn(async move { check_loop(weak, check, connector).await });
+        cluster.add_task(task.abort_handle());
     }
     if let Discovery::StrictDns { names, refresh } = &cluster.config.discovery {
         let weak = Arc::downgrade(cluster);
         let (names, refresh) = (names.clone(), *refresh);
-        tokio::spawn(async move { dns_loop(weak, names, refresh).await });
+        let task = tokio::spawn(async move { dns_loop(weak, names, refresh).await });
+        cluster.add_task(task.abort_handle());
     }
 }
 

@@ -31,8 +31,14 @@ const PANIC_THRESHOLD_PERCENT: usize = 50;
 /// A cluster's live state.
 #[derive(Debug)]
 pub struct ClusterState {
+    /// The configuration the state was built with. After an in-place endpoint update its
+    /// endpoint list is the old one: the live set is [`Self::hosts`].
     pub config: Arc<Cluster>,
     hosts: ArcSwap<Vec<Arc<Host>>>,
+    /// No longer in the configuration: connections are not pooled any more.
+    retired: AtomicBool,
+    /// Health check and DNS tasks, stopped on retirement and on drop.
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
     pub(crate) rr: AtomicUsize,
     pub(crate) stats: ClusterStats,
     pub(crate) circuit: Circuit,
@@ -108,6 +114,8 @@ impl ClusterState {
         let state = Arc::new(Self {
             config,
             hosts: ArcSwap::from_pointee(hosts),
+            retired: AtomicBool::new(false),
+            tasks: Mutex::new(Vec::new()),
             rr: AtomicUsize::new(0),
             stats,
             circuit: Circuit::default(),
@@ -125,17 +133,54 @@ impl ClusterState {
         self.hosts.load_full()
     }
 
-    /// Replaces the endpoint set (DNS refresh), keeping the state of endpoints that remain.
+    /// Removed from (or replaced in) the configuration: stops the health check and DNS
+    /// tasks and closes idle pooled connections. Requests in flight finish; their
+    /// connections are not pooled again.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.stop_tasks();
+        self.pool.clear();
+    }
+
+    pub(crate) fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn add_task(&self, task: tokio::task::AbortHandle) {
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
+    }
+
+    fn stop_tasks(&self) {
+        for task in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            task.abort();
+        }
+    }
+
+    /// Replaces the endpoint set (DNS refresh, EDS update), keeping the state (health,
+    /// outlier ejection) of endpoints that remain unchanged. An endpoint whose weight,
+    /// hostname or EDS health changed is a new host that keeps its active-check verdict.
     pub fn set_endpoints(&self, endpoints: &[Endpoint]) {
         let active_hc = !self.config.health_checks.is_empty();
         let old = self.hosts.load();
         let hosts: Vec<Arc<Host>> = endpoints
             .iter()
-            .map(|e| {
-                old.iter()
-                    .find(|h| h.address == e.address)
-                    .cloned()
-                    .unwrap_or_else(|| Host::new(e, active_hc))
+            .map(|e| match old.iter().find(|h| h.address == e.address) {
+                Some(h) if h.is(e) => h.clone(),
+                Some(h) => {
+                    let host = Host::new(e, active_hc);
+                    host.active_ok
+                        .store(h.active_ok.load(Ordering::Relaxed), Ordering::Relaxed);
+                    host
+                }
+                None => Host::new(e, active_hc),
             })
             .collect();
         if hosts.len() != old.len()
@@ -266,6 +311,12 @@ impl ClusterState {
     }
 }
 
+impl Drop for ClusterState {
+    fn drop(&mut self) {
+        self.stop_tasks();
+    }
+}
+
 /// A request's outcome, for outlier detection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -312,6 +363,14 @@ impl Host {
         )
     }
 
+    /// Whether this host is `e` (as configured).
+    fn is(&self, e: &Endpoint) -> bool {
+        self.address == e.address
+            && self.hostname == e.hostname
+            && self.weight == e.weight.max(1)
+            && self.eds_healthy == e.healthy
+    }
+
     fn is_ejected(&self, now: Instant) -> bool {
         let state = self.outlier.lock().unwrap_or_else(|p| p.into_inner());
         state.ejected_until.is_some_and(|t| t > now)
@@ -337,3 +396,67 @@ impl Host {
 
 /// How long until a DNS cluster is resolved again after a failure.
 pub(crate) const DNS_RETRY: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use nodemesh_config::model::{CircuitBreakers, Http2Settings, LbPolicy, UpstreamProtocol};
+
+    use super::*;
+
+    fn endpoint(port: u16, weight: u32, healthy: bool) -> Endpoint {
+        Endpoint {
+            address: SocketAddr::from(([127, 0, 0, 1], port)),
+            hostname: String::new(),
+            weight,
+            healthy,
+        }
+    }
+
+    fn cluster(endpoints: Vec<Endpoint>) -> Cluster {
+        Cluster {
+            name: "c".into(),
+            discovery: Discovery::Eds {
+                service_name: "c".into(),
+                endpoints,
+            },
+            lb: LbPolicy::RoundRobin,
+            connect_timeout: Duration::from_secs(1),
+            limits: CircuitBreakers::default(),
+            protocol: UpstreamProtocol::Http1,
+            http2: Http2Settings::default(),
+            idle_timeout: None,
+            max_requests_per_connection: None,
+            health_checks: Vec::new(),
+            outlier: None,
+        }
+    }
+
+    #[test]
+    fn an_eds_update_keeps_unchanged_hosts_and_replaces_changed_ones() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let stats = crate::stats::Stats::register(&mut registry);
+        let v1 = cluster(vec![endpoint(1, 1, true), endpoint(2, 1, true)]);
+        let v2 = cluster(vec![
+            endpoint(1, 1, true),
+            endpoint(2, 1, false),
+            endpoint(3, 5, true),
+        ]);
+        assert!(v1.same_except_endpoints(&v2) && v1 != v2);
+        let state = ClusterState::new(Arc::new(v1), stats.cluster("c"));
+        let before = state.hosts();
+        state.set_endpoints(v2.endpoints().expect("eds"));
+        let after = state.hosts();
+        assert_eq!(after.len(), 3);
+        assert!(
+            Arc::ptr_eq(&before[0], &after[0]),
+            "unchanged endpoint keeps its state"
+        );
+        assert!(!Arc::ptr_eq(&before[1], &after[1]));
+        assert_eq!(after[1].health_label(), "failed_eds_health");
+        assert_eq!(after[2].weight, 5);
+        let now = Instant::now();
+        let eligible: Vec<u16> = state.eligible().iter().map(|h| h.address.port()).collect();
+        assert_eq!(eligible, [1, 3]);
+        assert!(after[0].is_healthy(now));
+    }
+}

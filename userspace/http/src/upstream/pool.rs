@@ -65,6 +65,15 @@ pub(crate) struct Pool {
     h2: Mutex<HashMap<Key, H2Conn>>,
 }
 
+impl Pool {
+    /// Drops every pooled connection (idle HTTP/1.1 ones close now, shared HTTP/2 ones once
+    /// their open streams finish).
+    pub(crate) fn clear(&self) {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.h2.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
 /// Why a request got no response from upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -153,6 +162,9 @@ impl ClusterState {
     }
 
     fn put_idle(&self, key: Key, sender: conn::http1::SendRequest<ReqBody>, served: u32) {
+        if self.is_retired() {
+            return;
+        }
         let max_idle = self.config.idle_timeout.unwrap_or(DEFAULT_IDLE);
         let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(key).or_default();
@@ -203,7 +215,7 @@ impl ClusterState {
                 debug!(upstream = %addr, error = %e, "HTTP/2 upstream connection ended");
             }
         });
-        if max.is_none_or(|m| m > 1) {
+        if max.is_none_or(|m| m > 1) && !self.is_retired() {
             self.pool
                 .h2
                 .lock()
