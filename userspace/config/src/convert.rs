@@ -60,6 +60,23 @@ pub struct Resources {
     /// [`Translated::missing_routes`] instead of being errors, and the snapshot is still built
     /// so that the caller can see what else it needs; it must not serve it until they arrive.
     pub dynamic: bool,
+    /// The bootstrap's `dynamic_resources.ads_config`: where the rest comes from.
+    pub ads: Option<AdsSource>,
+}
+
+/// An aggregated xDS source from a bootstrap (`dynamic_resources.ads_config`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdsSource {
+    /// The static cluster of the control plane (`grpc_services[0].envoy_grpc.cluster_name`).
+    pub cluster: String,
+    /// `api_type: DELTA_GRPC` (incremental) rather than `GRPC` (state of the world).
+    pub delta: bool,
+    /// The bootstrap's `node`: how the control plane recognises this proxy.
+    pub node: core::Node,
+    /// Send `node` on the first request of a stream only.
+    pub node_on_first_message_only: bool,
+    /// How long a subscribed resource may take before the proxy serves without it.
+    pub initial_fetch_timeout: Duration,
 }
 
 /// The outcome of a translation.
@@ -79,8 +96,15 @@ const TCP_URL: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const ROUTER_URL: &str = "envoy.extensions.filters.http.router.v3.Router";
 const UPSTREAM_HTTP_URL: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
-/// Reads an Envoy bootstrap (YAML or JSON).
+/// Reads an Envoy bootstrap (YAML or JSON) and translates its static resources.
 pub fn load_bootstrap(text: &str) -> Result<Translated, ConfigError> {
+    // The bootstrap was checked as a whole; do not check its resources twice.
+    Ok(translate_checked(&read_bootstrap(text)?, false))
+}
+
+/// Reads an Envoy bootstrap (YAML or JSON) into its static resources, its ADS source and
+/// the diagnostics of the bootstrap's own fields, without translating.
+pub fn read_bootstrap(text: &str) -> Result<Resources, ConfigError> {
     let msg = pool::parse(text, "envoy.config.bootstrap.v3.Bootstrap")?;
     let mut res = Resources::default();
     support::check(&msg, "bootstrap", &mut res.diagnostics);
@@ -93,6 +117,13 @@ pub fn load_bootstrap(text: &str) -> Result<Translated, ConfigError> {
                 .error(format!("bootstrap.admin.address: {e}")),
         }
     }
+    if let Some(dynamic) = &boot.dynamic_resources {
+        res.ads = ads_source(
+            dynamic,
+            boot.node.clone().unwrap_or_default(),
+            &mut res.diagnostics,
+        );
+    }
     let statics = boot.static_resources.unwrap_or_default();
     res.listeners = statics
         .listeners
@@ -104,8 +135,85 @@ pub fn load_bootstrap(text: &str) -> Result<Translated, ConfigError> {
         .iter()
         .map(|c| to_dynamic(c, "envoy.config.cluster.v3.Cluster"))
         .collect::<Result<_, _>>()?;
-    // The bootstrap was checked as a whole; do not check its resources twice.
-    Ok(translate_checked(&res, false))
+    Ok(res)
+}
+
+/// `dynamic_resources`: ADS over gRPC only; LDS and CDS, when given, must come from it.
+fn ads_source(
+    dynamic: &envoy_types::pb::envoy::config::bootstrap::v3::bootstrap::DynamicResources,
+    node: core::Node,
+    diags: &mut Diagnostics,
+) -> Option<AdsSource> {
+    use core::{
+        api_config_source::ApiType, config_source::ConfigSourceSpecifier,
+        grpc_service::TargetSpecifier,
+    };
+    let at = "bootstrap.dynamic_resources";
+    for (field, source) in [
+        ("lds_config", &dynamic.lds_config),
+        ("cds_config", &dynamic.cds_config),
+    ] {
+        if let Some(source) = source
+            && !matches!(
+                source.config_source_specifier,
+                Some(ConfigSourceSpecifier::Ads(_))
+            )
+        {
+            diags.error(format!("{at}.{field}: only `ads: {{}}` is supported"));
+        }
+    }
+    let Some(api) = &dynamic.ads_config else {
+        diags.error(format!(
+            "{at}.ads_config: required (nodemesh follows one aggregated control plane)"
+        ));
+        return None;
+    };
+    let delta = match api.api_type() {
+        ApiType::Grpc => false,
+        ApiType::DeltaGrpc => true,
+        other => {
+            diags.error(format!(
+                "{at}.ads_config.api_type: {} is not supported (GRPC or DELTA_GRPC)",
+                other.as_str_name()
+            ));
+            return None;
+        }
+    };
+    let cluster = match api
+        .grpc_services
+        .first()
+        .and_then(|g| g.target_specifier.as_ref())
+    {
+        Some(TargetSpecifier::EnvoyGrpc(e)) if !e.cluster_name.is_empty() => e.cluster_name.clone(),
+        _ => {
+            diags.error(format!(
+                "{at}.ads_config.grpc_services[0].envoy_grpc.cluster_name: required"
+            ));
+            return None;
+        }
+    };
+    if api.grpc_services.len() > 1 {
+        diags.warn(format!(
+            "{at}.ads_config.grpc_services: only the first is used, as in Envoy"
+        ));
+    }
+    if node.id.is_empty() {
+        diags.warn(
+            "bootstrap.node.id is empty: a control plane cannot tell this proxy apart".to_owned(),
+        );
+    }
+    let initial_fetch_timeout = dynamic
+        .lds_config
+        .as_ref()
+        .and_then(|c| dur(c.initial_fetch_timeout.as_ref()))
+        .unwrap_or(Duration::from_secs(15));
+    Some(AdsSource {
+        cluster,
+        delta,
+        node,
+        node_on_first_message_only: api.set_node_on_first_message_only,
+        initial_fetch_timeout,
+    })
 }
 
 /// Reads an Envoy `/config_dump` (JSON): static and active dynamic listeners, routes,

@@ -7,7 +7,10 @@ pub mod model;
 pub mod pool;
 pub mod support;
 
-pub use convert::{Resources, Translated, load_bootstrap, load_config_dump, load_file, translate};
+pub use convert::{
+    AdsSource, Resources, Translated, load_bootstrap, load_config_dump, load_file, read_bootstrap,
+    translate,
+};
 
 /// What can go wrong reading configuration.
 #[derive(Debug, thiserror::Error)]

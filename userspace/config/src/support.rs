@@ -147,7 +147,7 @@ static TABLE: &[(&[&str], Rules)] = &[
     (
         &["envoy.config.bootstrap.v3.Bootstrap"],
         Fields {
-            supported: &["static_resources", "admin", "node"],
+            supported: &["static_resources", "dynamic_resources", "admin", "node"],
             ignored: &[
                 ("stats_config", NO_EFFECT_ON_TRAFFIC),
                 ("stats_sinks", NO_EFFECT_ON_TRAFFIC),
@@ -1242,10 +1242,49 @@ static TABLE: &[(&[&str], Rules)] = &[
     (
         &["envoy.config.core.v3.ConfigSource"],
         Fields {
-            // Filesystem subscriptions (`path_config_source`, `path`) are not read: refused
-            // rather than accepted with no endpoints.
-            supported: &["resource_api_version"],
-            ignored: &[("initial_fetch_timeout", "files are read at once")],
+            // Resources come from ADS (the bootstrap's `dynamic_resources.ads_config`) or
+            // inline. Filesystem subscriptions (`path_config_source`, `path`) and per-type
+            // gRPC sources (`api_config_source`) are refused rather than accepted with no
+            // endpoints or routes.
+            supported: &["resource_api_version", "ads", "initial_fetch_timeout"],
+            ignored: &[],
+        },
+    ),
+    (&["envoy.config.core.v3.AggregatedConfigSource"], Leaf),
+    (
+        &["envoy.config.bootstrap.v3.Bootstrap.DynamicResources"],
+        Fields {
+            supported: &["ads_config", "lds_config", "cds_config"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.config.core.v3.ApiConfigSource"],
+        Fields {
+            supported: &[
+                "api_type",
+                "transport_api_version",
+                "grpc_services",
+                "set_node_on_first_message_only",
+            ],
+            ignored: &[(
+                "rate_limit_settings",
+                "updates are applied as they come (each one is translated whole)",
+            )],
+        },
+    ),
+    (
+        &["envoy.config.core.v3.GrpcService"],
+        Fields {
+            supported: &["envoy_grpc", "timeout"],
+            ignored: &[("initial_metadata", "no headers are added to the xDS stream")],
+        },
+    ),
+    (
+        &["envoy.config.core.v3.GrpcService.EnvoyGrpc"],
+        Fields {
+            supported: &["cluster_name"],
+            ignored: &[("authority", "the :authority is the cluster's address")],
         },
     ),
     (
