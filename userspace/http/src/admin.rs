@@ -77,6 +77,20 @@ pub fn handle<B>(engine: &Engine, registry: &Registry, req: &Request<B>) -> Resp
             text(StatusCode::OK, out)
         }
         "/route" => route(engine, req.uri().query().unwrap_or("")),
+        "/xds" => match engine.xds_status() {
+            Some(v) => {
+                let mut r = text(StatusCode::OK, format!("{v:#}\n"));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            None => text(
+                StatusCode::NOT_FOUND,
+                "no xDS: the configuration is static\n".into(),
+            ),
+        },
         _ => text(
             StatusCode::NOT_FOUND,
             "endpoints: /ready /stats/prometheus /clusters /listeners /route\n".into(),

@@ -211,7 +211,12 @@ pub struct Engine {
     reporter: report::Reporter,
     /// Serializes updates: each diffs against the state the previous one published.
     updating: std::sync::Mutex<()>,
+    /// The xDS client's status, for the admin port's `/xds`, when one feeds this engine.
+    xds_status: std::sync::OnceLock<XdsStatus>,
 }
+
+/// Renders the status of whatever configures the engine dynamically (the xDS client).
+pub type XdsStatus = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 impl fmt::Debug for Engine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -246,6 +251,7 @@ impl Engine {
             close_denied: std::sync::atomic::AtomicBool::new(true),
             reporter: report::Reporter::register(registry),
             updating: std::sync::Mutex::new(()),
+            xds_status: std::sync::OnceLock::new(),
         });
         let _ = engine.update(snapshot);
         engine
@@ -324,6 +330,15 @@ impl Engine {
         self.reporter.set_capacity(entries);
         self.reporter.reset_writers();
         self.reporter.configure(&self.state().snapshot);
+    }
+
+    /// Shows `status` on the admin port's `/xds` (once; later calls are ignored).
+    pub fn set_xds_status(&self, status: XdsStatus) {
+        let _ = self.xds_status.set(status);
+    }
+
+    pub fn xds_status(&self) -> Option<serde_json::Value> {
+        self.xds_status.get().map(|f| f())
     }
 
     /// The configuration requests start with now.

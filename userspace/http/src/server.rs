@@ -122,7 +122,15 @@ pub struct Applied {
 /// Binds every listener with `bind_to_port` (and the admin address) and serves them.
 /// Unlike [`Standalone::apply`], any bind failure fails the start (as Envoy's does).
 pub async fn start(snapshot: Snapshot, limits: TenantLimits) -> std::io::Result<Standalone> {
-    let mut registry = Registry::default();
+    start_with(snapshot, limits, Registry::default()).await
+}
+
+/// [`start`], with metrics registered elsewhere (an xDS client's) on the admin port too.
+pub async fn start_with(
+    snapshot: Snapshot,
+    limits: TenantLimits,
+    mut registry: Registry,
+) -> std::io::Result<Standalone> {
     let admin_addr = snapshot.admin;
     let to_bind: Vec<_> = snapshot
         .listeners
