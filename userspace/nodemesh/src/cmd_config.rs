@@ -122,20 +122,77 @@ pub fn proxy(
     path: &Path,
     concurrency: Option<usize>,
     limits: nodemesh_http::TenantLimits,
+    drain: std::time::Duration,
 ) -> anyhow::Result<()> {
-    let snapshot = load(path)?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    // A bootstrap with `dynamic_resources` follows its control plane (a config dump reads
+    // as a bootstrap without them).
+    let dynamic = nodemesh_config::read_bootstrap(&text)
+        .ok()
+        .filter(|b| b.ads.is_some() || !b.diagnostics.is_ok());
+    let (snapshot, xds) = match dynamic {
+        Some(base) => {
+            for w in &base.diagnostics.warnings {
+                eprintln!("warning: {w}");
+            }
+            if !base.diagnostics.is_ok() {
+                for e in &base.diagnostics.errors {
+                    eprintln!("error: {e}");
+                }
+                bail!(
+                    "{}: {} error(s) in the bootstrap",
+                    path.display(),
+                    base.diagnostics.errors.len()
+                );
+            }
+            let config = nodemesh_xds::client::ClientConfig::from_bootstrap(base)
+                .with_context(|| format!("{}: dynamic_resources", path.display()))?;
+            let statics = load(path)?;
+            (statics, Some(config))
+        }
+        None => (load(path)?, None),
+    };
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = concurrency {
         rt.worker_threads(n.max(1));
     }
     let rt = rt.enable_all().build()?;
     rt.block_on(async {
-        let running = nodemesh_http::server::start(snapshot, limits).await?;
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = nodemesh_xds::client::Metrics::register(&mut registry);
+        let running = nodemesh_http::server::start_with(snapshot, limits, registry).await?;
         for (name, addr) in &running.listeners {
             eprintln!("listener {name} on {addr}");
         }
         if let Some(admin) = running.admin {
             eprintln!("admin on {admin}");
+        }
+        let engine = running.engine.clone();
+        let running = std::sync::Arc::new(tokio::sync::Mutex::new(running));
+        if let Some(config) = xds {
+            eprintln!(
+                "following the control plane at {} ({})",
+                config.server,
+                if config.ads.delta {
+                    "delta"
+                } else {
+                    "state of the world"
+                }
+            );
+            let target = running.clone();
+            let client = nodemesh_xds::client::spawn(config, metrics, move |snapshot| {
+                let target = target.clone();
+                async move {
+                    let applied = target.lock().await.apply(snapshot, drain).await;
+                    for (name, addr, e) in &applied.failed {
+                        eprintln!("listener {name} on {addr}: {e}");
+                    }
+                }
+            });
+            engine.set_xds_status(std::sync::Arc::new(move || {
+                serde_json::to_value(client.status()).unwrap_or_default()
+            }));
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

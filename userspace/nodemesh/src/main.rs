@@ -103,6 +103,10 @@ enum Command {
         /// Per-client limit: requests waiting on an upstream.
         #[arg(long, default_value_t = 256)]
         max_pending_per_source: u32,
+        /// How long listeners removed by the control plane drain before their open
+        /// connections are closed, like Envoy's `--drain-time-s`.
+        #[arg(long, default_value_t = 600)]
+        drain_time_s: u64,
     },
     /// Envoy configuration files.
     Config {
@@ -154,6 +158,7 @@ fn main() -> ExitCode {
             max_connections_per_source,
             max_requests_per_source,
             max_pending_per_source,
+            drain_time_s,
         } => nodemesh_telemetry::logging::init(&log_level, false)
             .map_err(anyhow::Error::msg)
             .and_then(|()| {
@@ -162,7 +167,12 @@ fn main() -> ExitCode {
                     max_requests: max_requests_per_source,
                     max_pending: max_pending_per_source,
                 };
-                cmd_config::proxy(&config, concurrency, limits)
+                cmd_config::proxy(
+                    &config,
+                    concurrency,
+                    limits,
+                    std::time::Duration::from_secs(drain_time_s),
+                )
             }),
         Command::Config { command } => match command {
             ConfigCommand::Check { file, json } => cmd_config::check(&file, json),
