@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 
 mod admin_client;
 mod cmd_config;
+mod cmd_controlplane;
 mod cmd_pod;
 mod cmd_status;
 
@@ -108,6 +109,15 @@ enum Command {
         #[arg(long, default_value_t = 600)]
         drain_time_s: u64,
     },
+    /// Serve xDS (ADS, state of the world and delta) from a folder of resource files,
+    /// reloading it when it changes: the control plane for use without istiod.
+    Controlplane {
+        #[command(flatten)]
+        args: cmd_controlplane::Args,
+        /// Log filter (tracing syntax).
+        #[arg(long, short = 'l', default_value = "info", env = "NODEMESH_LOG")]
+        log_level: String,
+    },
     /// Envoy configuration files.
     Config {
         #[command(subcommand)]
@@ -174,6 +184,11 @@ fn main() -> ExitCode {
                     std::time::Duration::from_secs(drain_time_s),
                 )
             }),
+        Command::Controlplane { args, log_level } => {
+            nodemesh_telemetry::logging::init(&log_level, false)
+                .map_err(anyhow::Error::msg)
+                .and_then(|()| cmd_controlplane::run(&args))
+        }
         Command::Config { command } => match command {
             ConfigCommand::Check { file, json } => cmd_config::check(&file, json),
             ConfigCommand::Route(args) => cmd_config::route(&args),

@@ -2,12 +2,16 @@
 //!
 //! - [`types`]: the ADS resource types and a set of named resources, shared by both ends.
 //! - [`client`]: the ADS client the agent and `nodemesh proxy -c` follow.
+//! - [`files`] and [`server`]: `nodemesh controlplane`, which serves a folder of resource
+//!   files.
 //!
 //! Both ends speak `envoy.service.discovery.v3.AggregatedDiscoveryService` over gRPC
 //! (tonic, with envoy-types' generated service code), in both variants: state of the world
 //! (`StreamAggregatedResources`) and incremental (`DeltaAggregatedResources`). Resources
 //! are translated by `nodemesh-config`, the same translation a bootstrap file goes through.
 pub mod client;
+pub mod files;
+pub mod server;
 pub mod types;
 
 pub use types::{Resource, ResourceError, ResourceSet, ResourceType};

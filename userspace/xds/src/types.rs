@@ -40,6 +40,12 @@ impl ResourceType {
         }
     }
 
+    /// The message's short name (`Cluster`, `RouteConfiguration`, ...), for messages.
+    pub fn kind(self) -> &'static str {
+        let name = self.message_name();
+        name.rsplit('.').next().unwrap_or(name)
+    }
+
     /// The type URL on the wire (`type.googleapis.com/<message>`).
     pub fn type_url(self) -> &'static str {
         match self {
