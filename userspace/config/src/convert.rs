@@ -426,9 +426,20 @@ fn cross_check(
     diags: &mut Diagnostics,
 ) -> std::collections::BTreeSet<String> {
     let mut missing = std::collections::BTreeSet::new();
+    // Over xDS a reference to a cluster not (or no longer) there is not an error, as in
+    // Envoy (RDS's `validate_clusters` defaults to false): types arrive one at a time, so a
+    // cluster's removal reaches the proxy before the routes that stop using it, and refusing
+    // it would leave the removed cluster in place. Such a route answers 503 `NC` and a
+    // tcp_proxy closes the connection until the cluster arrives.
     let cluster = |name: &str, at: &str, diags: &mut Diagnostics| {
         if !s.clusters.contains_key(name) {
-            diags.error(format!("{at}: unknown cluster {name:?}"));
+            if dynamic {
+                diags.warn(format!(
+                    "{at}: unknown cluster {name:?}: answered 503 NC until it arrives"
+                ));
+            } else {
+                diags.error(format!("{at}: unknown cluster {name:?}"));
+            }
         }
     };
     let target = |t: &ClusterTarget, at: &str, diags: &mut Diagnostics| match t {

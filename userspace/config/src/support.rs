@@ -630,7 +630,7 @@ static TABLE: &[(&[&str], Rules)] = &[
             ignored: &[
                 (
                     "validate_clusters",
-                    "routes to unknown clusters are always an error here",
+                    "routes to unknown clusters: an error in a bootstrap, a warning (503 NC) over xDS",
                 ),
                 ("internal_only_headers", "no internal/external distinction"),
                 (

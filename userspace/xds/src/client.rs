@@ -164,6 +164,8 @@ pub struct Status {
     pub last_published: Option<u64>,
     /// What a complete snapshot still waits for (`rds/NAME`, `eds/NAME`).
     pub warming: Vec<String>,
+    /// What the published configuration ignores or answers locally, once each.
+    pub warnings: Vec<String>,
     /// By type (`cds`, `eds`, `lds`, `rds`, `sds`).
     pub types: BTreeMap<&'static str, TypeStatus>,
 }
@@ -315,6 +317,8 @@ struct State<F> {
     /// Whether what `accepted` makes has been published.
     published_current: bool,
     responses_this_session: u64,
+    /// The warnings of the last published snapshot (logged when new).
+    warned: BTreeSet<String>,
 }
 
 /// A request to send on whichever stream is open.
@@ -341,6 +345,7 @@ where
             asked: HashMap::new(),
             published_current: false,
             responses_this_session: 0,
+            warned: BTreeSet::new(),
         }
     }
 
@@ -797,9 +802,14 @@ where
         if !translated.missing_routes.is_empty() {
             return;
         }
-        for w in &snapshot.warnings {
-            debug!("{w}");
+        // What is ignored or answered locally (unknown clusters): once per new warning, and
+        // all of the current ones on the status.
+        let warnings: BTreeSet<String> = snapshot.warnings.iter().cloned().collect();
+        for w in warnings.difference(&self.warned) {
+            warn!("xDS configuration: {w}");
         }
+        self.set(|s| s.warnings = warnings.iter().cloned().collect());
+        self.warned = warnings;
         info!(
             listeners = snapshot.listeners.len(),
             clusters = snapshot.clusters.len(),

@@ -236,7 +236,7 @@ mod tests {
     use super::*;
 
     fn write(dir: &Path, name: &str, text: &str) {
-        std::fs::write(dir.join(name), text).unwrap();
+        std::fs::write(dir.join(name), text).expect("write a resource file");
     }
 
     const CLUSTER: &str = r#"
@@ -253,14 +253,14 @@ resources:
 
     #[test]
     fn loads_a_folder_and_versions_are_stable() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("temporary folder");
         write(dir.path(), "c.yaml", CLUSTER);
         write(dir.path(), ".c.yaml.swp", "garbage");
         write(dir.path(), "README.txt", "not configuration");
-        let a = load_dir(dir.path(), true).unwrap();
+        let a = load_dir(dir.path(), true).expect("the folder loads");
         assert_eq!(a.set.names(ResourceType::Cluster).len(), 1);
         assert_eq!(a.files.len(), 1);
-        let b = load_dir(dir.path(), true).unwrap();
+        let b = load_dir(dir.path(), true).expect("the folder loads");
         assert_eq!(a.version, b.version);
         assert_eq!(
             a.type_version(ResourceType::Cluster),
@@ -271,7 +271,7 @@ resources:
             "c.yaml",
             &CLUSTER.replace("port_value: 80", "port_value: 81"),
         );
-        let c = load_dir(dir.path(), true).unwrap();
+        let c = load_dir(dir.path(), true).expect("the folder loads");
         assert_ne!(a.version, c.version);
         assert_ne!(
             a.type_version(ResourceType::Cluster),
@@ -285,7 +285,7 @@ resources:
 
     #[test]
     fn every_problem_is_named_with_its_file() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("temporary folder");
         write(dir.path(), "a.yaml", CLUSTER);
         write(dir.path(), "b.yaml", CLUSTER);
         write(
@@ -294,7 +294,9 @@ resources:
             r#"{"resources": [{"@type": "type.googleapis.com/google.protobuf.Duration"}, {"name": "x"}]}"#,
         );
         write(dir.path(), "d.yaml", "resources: [ {");
-        let err = load_dir(dir.path(), true).unwrap_err().0;
+        let err = load_dir(dir.path(), true)
+            .expect_err("the folder is invalid")
+            .0;
         let all = err.join("\n");
         assert!(
             all.contains("b.yaml: Cluster \"web\" is already defined in"),
@@ -310,7 +312,7 @@ resources:
 
     #[test]
     fn a_checked_load_refuses_what_would_not_translate() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("temporary folder");
         write(
             dir.path(),
             "l.yaml",
@@ -328,12 +330,14 @@ resources:
         cluster: nowhere
 "#,
         );
-        let err = load_dir(dir.path(), true).unwrap_err().to_string();
+        let err = load_dir(dir.path(), true)
+            .expect_err("the folder is invalid")
+            .to_string();
         assert!(err.contains("nowhere"), "{err}");
         // Unchecked, the same folder is served as it is (for testing clients' rejections).
         assert_eq!(
             load_dir(dir.path(), false)
-                .unwrap()
+                .expect("loads unchecked")
                 .set
                 .len(ResourceType::Listener),
             1
