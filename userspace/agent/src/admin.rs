@@ -11,6 +11,7 @@
 //! | `POST /sockmap?enabled=true\|false` | switch the fast path at run time |
 //! | `GET /route?listener=L&host=H&path=P&header=k:v` | which route and cluster a request takes (L7) |
 //! | `GET /clusters` | the L7 clusters' endpoints and their health |
+//! | `GET /xds` | the xDS client: server, connection state, per type version, ACKs, NACKs and the last NACK's reason |
 use std::{
     convert::Infallible,
     path::PathBuf,
@@ -113,6 +114,7 @@ impl AdminState {
                 listen: self.proxy_listen.to_string(),
                 active_connections: self.outbound.active_connections(),
             },
+            xds: self.l7.as_ref().and_then(|e| e.xds_status()),
             kubernetes: self.kubernetes.as_ref().map(|(node, api, metrics)| {
                 status::KubernetesSummary {
                     node_name: node.clone(),
@@ -223,6 +225,13 @@ async fn handle(
             }
             None => text(StatusCode::NOT_FOUND, "no L7 proxy configured (proxy.l7)\n"),
         },
+        (&Method::GET, "/xds") => match state.l7.as_ref().and_then(|e| e.xds_status()) {
+            Some(v) => json(&v),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "no xDS client (the L7 bootstrap has no dynamic_resources)\n",
+            ),
+        },
         (&Method::GET, "/clusters") => match &state.l7 {
             Some(engine) => text(StatusCode::OK, nodemesh_http::admin::clusters(engine)),
             None => text(StatusCode::NOT_FOUND, "no L7 proxy configured (proxy.l7)\n"),
@@ -230,7 +239,7 @@ async fn handle(
         (
             _,
             "/healthz" | "/ready" | "/metrics" | "/status" | "/debug/maps" | "/sockmap" | "/route"
-            | "/clusters",
+            | "/clusters" | "/xds",
         ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };

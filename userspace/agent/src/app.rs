@@ -458,6 +458,31 @@ async fn pump_kernel_logs(logs: nodemesh_loader::datapath::KernelLogs) {
 /// The L7 proxy of `proxy.l7`: its bootstrap read and checked (a configuration with errors
 /// stops the agent at start, naming them), its engine started on the data-plane runtime,
 /// its statistics in the agent's registry.
+/// Starts the ADS client: each snapshot it publishes updates the engine in place (clusters
+/// that did not change keep their pools and health; connections the new listeners still
+/// match carry on), and its state is on the admin port (`/xds`) and in `nodemesh status`.
+/// Must run inside the data-plane runtime.
+fn follow_control_plane(
+    engine: &Arc<nodemesh_http::Engine>,
+    client: nodemesh_xds::client::ClientConfig,
+    metrics: &mut prometheus_client::registry::Registry,
+) {
+    let server = client.server;
+    let xds_metrics = nodemesh_xds::client::Metrics::register(metrics);
+    let target = Arc::downgrade(engine);
+    let client = nodemesh_xds::client::spawn(client, xds_metrics, move |snapshot| {
+        if let Some(engine) = target.upgrade() {
+            let summary = engine.update(snapshot);
+            info!(?summary, "xDS configuration applied");
+        }
+        std::future::ready(())
+    });
+    engine.set_xds_status(Arc::new(move || {
+        serde_json::to_value(client.status()).unwrap_or_default()
+    }));
+    info!(%server, "following the xDS control plane");
+}
+
 fn start_l7(
     cfg: &AgentConfig,
     l7: &nodemesh_proxy::config::L7Config,
@@ -465,8 +490,22 @@ fn start_l7(
     data: &Handle,
     metrics: &mut prometheus_client::registry::Registry,
 ) -> anyhow::Result<Arc<nodemesh_http::Engine>> {
-    let translated = nodemesh_config::load_file(&l7.bootstrap)
-        .with_context(|| format!("reading proxy.l7.bootstrap {}", l7.bootstrap.display()))?;
+    let reading = || format!("reading proxy.l7.bootstrap {}", l7.bootstrap.display());
+    let text = std::fs::read_to_string(&l7.bootstrap).with_context(reading)?;
+    // A bootstrap with `dynamic_resources` is followed through its ADS control plane, as
+    // `nodemesh proxy -c` and Envoy follow it; the static resources are the first snapshot.
+    let resources = nodemesh_config::read_bootstrap(&text).ok();
+    let ads = match resources {
+        Some(res) if res.ads.is_some() => Some(
+            nodemesh_xds::client::ClientConfig::from_bootstrap(res)
+                .with_context(|| format!("proxy.l7.bootstrap {}", l7.bootstrap.display()))?,
+        ),
+        _ => None,
+    };
+    let translated = match &ads {
+        Some(client) => nodemesh_config::translate(&client.base),
+        None => nodemesh_config::load_file(&l7.bootstrap).with_context(reading)?,
+    };
     for w in &translated.diagnostics.warnings {
         warn!(bootstrap = %l7.bootstrap.display(), "{w}");
     }
@@ -503,5 +542,8 @@ fn start_l7(
         .reporter()
         .set_workloads(Arc::new(nodemesh_proxy::outbound::PodNames(table.clone())));
     info!(bootstrap = %l7.bootstrap.display(), listeners = engine.state().snapshot.listeners.len(), "L7 proxy configured");
+    if let Some(client) = ads {
+        follow_control_plane(&engine, client, metrics);
+    }
     Ok(engine)
 }

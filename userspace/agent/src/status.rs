@@ -15,6 +15,10 @@ pub struct Status {
     /// Where the pods come from: `None` for the registry API only, else Kubernetes.
     #[serde(default)]
     pub kubernetes: Option<KubernetesSummary>,
+    /// The xDS client's state (`nodemesh_xds::client::Status`), when the L7 bootstrap has
+    /// `dynamic_resources`.
+    #[serde(default)]
+    pub xds: Option<serde_json::Value>,
 }
 
 /// The Kubernetes pod source, when `kubernetes.enabled`.

@@ -126,6 +126,9 @@ fn render(s: &Status) -> String {
         "proxy: {} active connections on {}",
         s.proxy.active_connections, s.proxy.listen
     );
+    if let Some(x) = &s.xds {
+        out.push_str(&render_xds(x));
+    }
     match &s.kubernetes {
         Some(k) => {
             let _ = writeln!(
@@ -221,6 +224,61 @@ fn render_maps(d: &MapDump) -> String {
     let _ = writeln!(out, "NM_ACCEL ({}):", d.accelerated.len());
     for s in &d.accelerated {
         let _ = writeln!(out, "  {} <-> {}", s.local, s.remote);
+    }
+    out
+}
+
+/// The xDS client's state, from the agent's status JSON (`nodemesh_xds::client::Status`).
+fn render_xds(x: &serde_json::Value) -> String {
+    let str_of =
+        |v: &serde_json::Value, k: &str| v.get(k).and_then(|v| v.as_str()).unwrap_or("").to_owned();
+    let num_of =
+        |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "xds: {} ({}), {}; {} connects, {} snapshots published",
+        str_of(x, "server"),
+        str_of(x, "variant"),
+        str_of(x, "state"),
+        num_of(x, "connects"),
+        num_of(x, "published"),
+    );
+    if let Some(e) = x.get("last_error").and_then(|v| v.as_str()) {
+        let _ = writeln!(out, "  last error: {e}");
+    }
+    if let Some(w) = x
+        .get("warming")
+        .and_then(|v| v.as_array())
+        .filter(|w| !w.is_empty())
+    {
+        let names: Vec<&str> = w.iter().filter_map(|v| v.as_str()).collect();
+        let _ = writeln!(out, "  warming: {}", names.join(", "));
+    }
+    if let Some(types) = x.get("types").and_then(|v| v.as_object()) {
+        for (ty, t) in types {
+            let _ = writeln!(
+                out,
+                "  {ty}: version {:?}, {} resources, {} acks, {} nacks",
+                str_of(t, "version"),
+                num_of(t, "resources"),
+                num_of(t, "acks"),
+                num_of(t, "nacks"),
+            );
+            if let Some(n) = t.get("last_nack").filter(|n| !n.is_null()) {
+                let _ = writeln!(
+                    out,
+                    "    last NACK (version {:?}): {}",
+                    str_of(n, "version"),
+                    str_of(n, "reason")
+                );
+            }
+        }
+    }
+    if let Some(w) = x.get("warnings").and_then(|v| v.as_array()) {
+        for w in w.iter().filter_map(|v| v.as_str()) {
+            let _ = writeln!(out, "  warning: {w}");
+        }
     }
     out
 }

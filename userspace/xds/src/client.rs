@@ -628,7 +628,6 @@ where
                 result: result.to_owned(),
             })
             .inc();
-        let count = self.accepted.len(ty);
         self.set(|s| {
             let t = s.types.entry(ty.short()).or_default();
             match error {
@@ -646,7 +645,6 @@ where
                     t.last_update = Some(now());
                 }
             }
-            t.resources = count;
         });
         match error {
             Some(reason) => {
@@ -726,6 +724,13 @@ where
             };
             tx.send(req).await?;
         }
+        let counts: Vec<(ResourceType, usize)> =
+            TYPES.iter().map(|t| (*t, self.accepted.len(*t))).collect();
+        self.set(|s| {
+            for (ty, n) in counts {
+                s.types.entry(ty.short()).or_default().resources = n;
+            }
+        });
         self.publish_if_ready().await;
         Ok(())
     }

@@ -364,6 +364,7 @@ async fn complete_config_and_changes(delta: bool) {
     for t in ["cds", "eds", "lds", "rds"] {
         assert_eq!(cs.types[t].nacks, 0, "{t}");
         assert!(cs.types[t].acks >= 1, "{t}");
+        assert_eq!(cs.types[t].resources, 1, "{t} resources held");
     }
     assert_eq!(cs.state, "connected");
 

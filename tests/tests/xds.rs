@@ -1,0 +1,241 @@
+//! The agent following a control plane on a simulated node: `nodemesh controlplane` serves
+//! a folder of resources on the node, the agent's L7 bootstrap names it in
+//! `dynamic_resources`, and pods' traffic follows what the folder says: routed as served,
+//! re-routed when the folder changes, still routed by the last good configuration while the
+//! control plane is gone, and re-routed again when it comes back.
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use nodemesh_simnode::{Pod, Process, bin_path, require_root};
+use nodemesh_tests::mesh::{AgentOptions, MeshNode};
+
+const PORT: u16 = 8080;
+const T: Duration = Duration::from_secs(60);
+
+/// The resources: an outbound listener for port 8080 routing `api.shop` (by RDS) to the
+/// EDS cluster `to`, which is one of the two server pods.
+fn write_folder(dir: &Path, a: &Pod, b: &Pod, to: &str) {
+    let cluster = |name: &str, pod: &Pod| {
+        format!(
+            r#"- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: {name}
+  type: EDS
+  connect_timeout: 1s
+  eds_cluster_config: {{ eds_config: {{ ads: {{}} }} }}
+- "@type": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
+  cluster_name: {name}
+  endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {ip}, port_value: {PORT} }} }} }} }}] }}]
+"#,
+            ip = pod.ip
+        )
+    };
+    let text = format!(
+        r#"resources:
+{a}{b}- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: outbound_{PORT}
+  address: {{ socket_address: {{ address: 0.0.0.0, port_value: {PORT} }} }}
+  bind_to_port: false
+  filter_chains:
+  - filters:
+    - name: envoy.filters.network.http_connection_manager
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+        stat_prefix: outbound_{PORT}
+        rds: {{ route_config_name: "{PORT}", config_source: {{ ads: {{}} }} }}
+        http_filters:
+        - name: envoy.filters.http.router
+          typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
+- "@type": type.googleapis.com/envoy.config.route.v3.RouteConfiguration
+  name: "{PORT}"
+  virtual_hosts:
+  - name: api
+    domains: ["api.shop", "api.shop:{PORT}"]
+    routes:
+    - match: {{ prefix: "/" }}
+      route: {{ cluster: {to} }}
+"#,
+        a = cluster("a", a),
+        b = cluster("b", b),
+    );
+    let tmp = dir.join(".resources.yaml.tmp");
+    std::fs::write(&tmp, text).expect("resources");
+    std::fs::rename(&tmp, dir.join("resources.yaml")).expect("resources");
+}
+
+/// A bootstrap whose only static resource is the control plane's cluster.
+fn ads_bootstrap(port: u16, delta: bool) -> String {
+    format!(
+        r#"node: {{ id: "nodemesh~198.18.0.1~node-xds", cluster: nodemesh }}
+dynamic_resources:
+  ads_config:
+    api_type: {api}
+    transport_api_version: V3
+    grpc_services: [{{ envoy_grpc: {{ cluster_name: xds }} }}]
+  cds_config: {{ ads: {{}}, resource_api_version: V3 }}
+  lds_config: {{ ads: {{}}, resource_api_version: V3 }}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    load_assignment:
+      cluster_name: xds
+      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }} }}] }}]
+"#,
+        api = if delta { "DELTA_GRPC" } else { "GRPC" }
+    )
+}
+
+fn control_plane(node: &MeshNode, dir: &Path, port: u16) -> Process {
+    let mut cmd = Command::new(bin_path("nodemesh"));
+    cmd.args(["controlplane", "--poll-ms", "100", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--dir")
+        .arg(dir);
+    node.sim.spawn_in_node(cmd).expect("control plane")
+}
+
+/// The upstream that answers `api.shop` from the client pod (sent to `dst`), or the error.
+fn upstream(node: &MeshNode, client: &Pod, dst: &str) -> Result<String, String> {
+    let got = node
+        .httpapp(
+            client,
+            &[
+                "request",
+                "--connect",
+                dst,
+                "--authority",
+                "api.shop",
+                "--path",
+                "/x",
+            ],
+            T,
+        )
+        .map_err(|e| e.to_string())?;
+    let r = &got["responses"][0];
+    if r["status"] != 200 {
+        return Err(format!("{got}"));
+    }
+    Ok(r["upstream"].as_str().unwrap_or_default().to_owned())
+}
+
+fn until_upstream(node: &MeshNode, client: &Pod, dst: &str, want: &str) {
+    let deadline = Instant::now() + T;
+    loop {
+        let got = upstream(node, client, dst);
+        if got.as_deref() == Ok(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "requests never reached {want}: last {got:?}\nxds: {:?}\nagent log:\n{}",
+            node.status().map(|s| s.xds),
+            node.agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn xds_status(node: &MeshNode) -> serde_json::Value {
+    node.status()
+        .expect("status")
+        .xds
+        .expect("the agent reports its xDS client")
+}
+
+fn follows_the_control_plane(delta: bool) {
+    let label = if delta { "xdsd" } else { "xdss" };
+    let work = tempfile::tempdir().expect("work dir");
+    let file = work.path().join("envoy.yaml");
+    std::fs::write(&file, "static_resources: {}\n").expect("bootstrap");
+    let opts = AgentOptions {
+        proxy: vec!["l7:".into(), format!("  bootstrap: {}", file.display())],
+        ..AgentOptions::default()
+    };
+    let mut node = MeshNode::start_with(label, &opts).expect("node");
+    let client = node.add_pod("client", "shop").expect("pod");
+    let a = node.add_pod("server-a", "shop").expect("pod");
+    let b = node.add_pod("server-b", "shop").expect("pod");
+    node.enable_namespace("shop").expect("label");
+    let _sa = node.serve_http(&a, PORT, "a").expect("server a");
+    let _sb = node.serve_http(&b, PORT, "b").expect("server b");
+    // The pod's traffic goes to a's address; where it lands is the route's decision.
+    let dst = format!("{}:{PORT}", a.ip);
+
+    let folder = work.path().join("resources");
+    std::fs::create_dir(&folder).expect("folder");
+    write_folder(&folder, &a, &b, "b");
+    let port = 15010 + u16::from(delta);
+    let mut cp = control_plane(&node, &folder, port);
+    std::fs::write(&file, ads_bootstrap(port, delta)).expect("bootstrap");
+    node.start_agent()
+        .expect("agent restarted on the ADS bootstrap");
+
+    until_upstream(&node, &client, &dst, "b");
+    let x = xds_status(&node);
+    assert_eq!(x["state"], "connected", "{x:#}");
+    assert_eq!(x["variant"], if delta { "delta" } else { "sotw" });
+    for t in ["cds", "eds", "lds", "rds"] {
+        assert_eq!(x["types"][t]["nacks"], 0, "{t}: {x:#}");
+        assert!(x["types"][t]["acks"].as_u64() >= Some(1), "{t}: {x:#}");
+        let held = if matches!(t, "cds" | "eds") { 2 } else { 1 };
+        assert_eq!(x["types"][t]["resources"], held, "{t}: {x:#}");
+    }
+    let text = Command::new(bin_path("nodemesh"))
+        .arg("status")
+        .arg("--run-dir")
+        .arg(node.sim.run_dir())
+        .output()
+        .expect("nodemesh status");
+    let shown = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        shown.contains(&format!("xds: 127.0.0.1:{port}")) && shown.contains("rds: version"),
+        "nodemesh status shows the xDS client:\n{shown}\n{}",
+        String::from_utf8_lossy(&text.stderr)
+    );
+
+    // The folder changes: new connections take the new route.
+    write_folder(&folder, &a, &b, "a");
+    until_upstream(&node, &client, &dst, "a");
+
+    // The control plane goes away: the last good configuration keeps serving.
+    cp.kill().expect("stop the control plane");
+    let deadline = Instant::now() + T;
+    while xds_status(&node)["state"] == "connected" {
+        assert!(Instant::now() < deadline, "the agent never noticed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for _ in 0..3 {
+        assert_eq!(upstream(&node, &client, &dst).as_deref(), Ok("a"));
+    }
+
+    // It comes back with other resources: the agent reconnects and follows.
+    write_folder(&folder, &a, &b, "b");
+    let _cp = control_plane(&node, &folder, port);
+    until_upstream(&node, &client, &dst, "b");
+    let x = xds_status(&node);
+    assert!(x["connects"].as_u64() >= Some(2), "{x:#}");
+}
+
+#[test]
+fn the_agent_follows_a_sotw_control_plane_through_changes_and_outages() {
+    if !require_root() {
+        return;
+    }
+    follows_the_control_plane(false);
+}
+
+#[test]
+fn the_agent_follows_a_delta_control_plane_through_changes_and_outages() {
+    if !require_root() {
+        return;
+    }
+    follows_the_control_plane(true);
+}
