@@ -201,6 +201,17 @@ fn follows_the_control_plane(delta: bool) {
         String::from_utf8_lossy(&text.stderr)
     );
 
+    // The live configuration, as an Envoy config dump, on the agent's admin port.
+    let dump = node.admin_get("/config_dump").expect("config dump");
+    let read = nodemesh_config::load_config_dump(&dump).expect("the dump parses");
+    assert_eq!(read.diagnostics.errors, Vec::<String>::new(), "{dump}");
+    let served = read.snapshot.expect("the dump translates");
+    assert!(
+        served.listener(&format!("outbound_{PORT}")).is_some(),
+        "{dump}"
+    );
+    assert!(served.clusters.contains_key("xds") && served.clusters.contains_key("b"));
+
     // The folder changes: new connections take the new route.
     write_folder(&folder, &a, &b, "a");
     until_upstream(&node, &client, &dst, "a");

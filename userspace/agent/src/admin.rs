@@ -11,6 +11,7 @@
 //! | `POST /sockmap?enabled=true\|false` | switch the fast path at run time |
 //! | `GET /route?listener=L&host=H&path=P&header=k:v` | which route and cluster a request takes (L7) |
 //! | `GET /clusters` | the L7 clusters' endpoints and their health |
+//! | `GET /config_dump` | the live L7 configuration from xDS, as an Envoy config dump |
 //! | `GET /xds` | the xDS client: server, connection state, per type version, ACKs, NACKs and the last NACK's reason |
 use std::{
     convert::Infallible,
@@ -232,6 +233,13 @@ async fn handle(
                 "no xDS client (the L7 bootstrap has no dynamic_resources)\n",
             ),
         },
+        (&Method::GET, "/config_dump") => match state.l7.as_ref().and_then(|e| e.config_dump()) {
+            Some(v) => json(&v),
+            None => text(
+                StatusCode::NOT_FOUND,
+                "no xDS client (the L7 bootstrap has no dynamic_resources)\n",
+            ),
+        },
         (&Method::GET, "/clusters") => match &state.l7 {
             Some(engine) => text(StatusCode::OK, nodemesh_http::admin::clusters(engine)),
             None => text(StatusCode::NOT_FOUND, "no L7 proxy configured (proxy.l7)\n"),
@@ -239,7 +247,7 @@ async fn handle(
         (
             _,
             "/healthz" | "/ready" | "/metrics" | "/status" | "/debug/maps" | "/sockmap" | "/route"
-            | "/clusters" | "/xds",
+            | "/clusters" | "/xds" | "/config_dump",
         ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     };

@@ -477,9 +477,7 @@ fn follow_control_plane(
         }
         std::future::ready(())
     });
-    engine.set_xds_status(Arc::new(move || {
-        serde_json::to_value(client.status()).unwrap_or_default()
-    }));
+    engine.set_config_source(Arc::new(client));
     info!(%server, "following the xDS control plane");
 }
 

@@ -1,5 +1,6 @@
 //! The admin endpoints, as Envoy's admin port offers them: `/ready`, `/stats/prometheus`,
-//! `/clusters`, `/listeners`, and nodemesh's `/route` explanation (query parameters
+//! `/clusters`, `/listeners`, `/config_dump` (with xDS), nodemesh's `/xds` (the xDS client)
+//! and `/route` explanation (query parameters
 //! `listener`, `host`, `path`, `method`, `destination`, and `header=name:value` repeated).
 use std::{convert::Infallible, fmt::Write as _, net::SocketAddr, sync::Arc, time::Instant};
 
@@ -50,6 +51,24 @@ fn text(status: StatusCode, body: String) -> Response<RespBody> {
     r
 }
 
+/// A JSON answer, or 404 when the proxy is not configured dynamically.
+fn json_or_404(value: Option<serde_json::Value>) -> Response<RespBody> {
+    match value {
+        Some(v) => {
+            let mut r = text(StatusCode::OK, format!("{v:#}\n"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        None => text(
+            StatusCode::NOT_FOUND,
+            "no xDS: the configuration is static (the bootstrap file is the config)\n".into(),
+        ),
+    }
+}
+
 /// Answers one admin request.
 pub fn handle<B>(engine: &Engine, registry: &Registry, req: &Request<B>) -> Response<RespBody> {
     if req.method() != Method::GET {
@@ -77,23 +96,12 @@ pub fn handle<B>(engine: &Engine, registry: &Registry, req: &Request<B>) -> Resp
             text(StatusCode::OK, out)
         }
         "/route" => route(engine, req.uri().query().unwrap_or("")),
-        "/xds" => match engine.xds_status() {
-            Some(v) => {
-                let mut r = text(StatusCode::OK, format!("{v:#}\n"));
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                r
-            }
-            None => text(
-                StatusCode::NOT_FOUND,
-                "no xDS: the configuration is static\n".into(),
-            ),
-        },
+        "/xds" => json_or_404(engine.xds_status()),
+        "/config_dump" => json_or_404(engine.config_dump()),
         _ => text(
             StatusCode::NOT_FOUND,
-            "endpoints: /ready /stats/prometheus /clusters /listeners /route\n".into(),
+            "endpoints: /ready /stats/prometheus /clusters /listeners /route /xds /config_dump\n"
+                .into(),
         ),
     }
 }

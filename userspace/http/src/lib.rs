@@ -211,12 +211,17 @@ pub struct Engine {
     reporter: report::Reporter,
     /// Serializes updates: each diffs against the state the previous one published.
     updating: std::sync::Mutex<()>,
-    /// The xDS client's status, for the admin port's `/xds`, when one feeds this engine.
-    xds_status: std::sync::OnceLock<XdsStatus>,
+    /// What configures this engine dynamically (the xDS client), for the admin port.
+    config_source: std::sync::OnceLock<Arc<dyn ConfigSource>>,
 }
 
-/// Renders the status of whatever configures the engine dynamically (the xDS client).
-pub type XdsStatus = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+/// Whatever configures the engine dynamically (the xDS client), as the admin port shows it.
+pub trait ConfigSource: Send + Sync {
+    /// Its state, for `/xds` and `nodemesh status`.
+    fn status(&self) -> serde_json::Value;
+    /// The live configuration as an Envoy config dump, for `/config_dump`.
+    fn config_dump(&self) -> serde_json::Value;
+}
 
 impl fmt::Debug for Engine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -251,7 +256,7 @@ impl Engine {
             close_denied: std::sync::atomic::AtomicBool::new(true),
             reporter: report::Reporter::register(registry),
             updating: std::sync::Mutex::new(()),
-            xds_status: std::sync::OnceLock::new(),
+            config_source: std::sync::OnceLock::new(),
         });
         let _ = engine.update(snapshot);
         engine
@@ -332,13 +337,20 @@ impl Engine {
         self.reporter.configure(&self.state().snapshot);
     }
 
-    /// Shows `status` on the admin port's `/xds` (once; later calls are ignored).
-    pub fn set_xds_status(&self, status: XdsStatus) {
-        let _ = self.xds_status.set(status);
+    /// Shows `source` on the admin port (`/xds`, `/config_dump`); once, later calls are
+    /// ignored.
+    pub fn set_config_source(&self, source: Arc<dyn ConfigSource>) {
+        let _ = self.config_source.set(source);
     }
 
+    /// The state of what configures the engine, when it is configured dynamically.
     pub fn xds_status(&self) -> Option<serde_json::Value> {
-        self.xds_status.get().map(|f| f())
+        self.config_source.get().map(|s| s.status())
+    }
+
+    /// The live configuration as an Envoy config dump, when it is configured dynamically.
+    pub fn config_dump(&self) -> Option<serde_json::Value> {
+        self.config_source.get().map(|s| s.config_dump())
     }
 
     /// The configuration requests start with now.

@@ -190,9 +190,7 @@ pub fn proxy(
                     }
                 }
             });
-            engine.set_xds_status(std::sync::Arc::new(move || {
-                serde_json::to_value(client.status()).unwrap_or_default()
-            }));
+            engine.set_config_source(std::sync::Arc::new(client));
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

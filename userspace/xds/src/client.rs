@@ -209,7 +209,12 @@ pub struct Metrics {
 #[derive(Debug, Clone)]
 pub struct Client {
     status: Arc<Mutex<Status>>,
+    /// What the last published snapshot was made of.
+    published: Published,
+    base: Arc<nodemesh_config::Resources>,
 }
+
+type Published = Arc<Mutex<Arc<ResourceSet>>>;
 
 impl Client {
     pub fn status(&self) -> Status {
@@ -217,6 +222,26 @@ impl Client {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The configuration being served, as an Envoy config dump.
+    pub fn config_dump(&self) -> serde_json::Value {
+        let published = self
+            .published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        crate::dump::config_dump(&self.base, &published)
+    }
+}
+
+impl nodemesh_http::ConfigSource for Client {
+    fn status(&self) -> serde_json::Value {
+        serde_json::to_value(Client::status(self)).unwrap_or_default()
+    }
+
+    fn config_dump(&self) -> serde_json::Value {
+        Client::config_dump(self)
     }
 }
 
@@ -239,10 +264,14 @@ where
         state: "connecting",
         ..Status::default()
     }));
+    let published = Published::default();
     let client = Client {
         status: status.clone(),
+        published: published.clone(),
+        base: Arc::new(config.base.clone()),
     };
-    tokio::spawn(run(config, status, metrics, apply));
+    let state = State::new(config, status, metrics, apply, published);
+    tokio::spawn(run(state));
     client
 }
 
@@ -269,12 +298,11 @@ impl Metrics {
     }
 }
 
-async fn run<F, Fut>(config: ClientConfig, status: Arc<Mutex<Status>>, metrics: Metrics, apply: F)
+async fn run<F, Fut>(mut state: State<F>)
 where
     F: FnMut(Snapshot) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let mut state = State::new(config, status, metrics, apply);
     let mut attempt = 0u32;
     loop {
         state.set(|s| s.state = "connecting");
@@ -319,6 +347,8 @@ struct State<F> {
     responses_this_session: u64,
     /// The warnings of the last published snapshot (logged when new).
     warned: BTreeSet<String>,
+    /// What the last published snapshot was made of, for the config dump.
+    published: Published,
 }
 
 /// A request to send on whichever stream is open.
@@ -332,8 +362,15 @@ where
     F: FnMut(Snapshot) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    fn new(config: ClientConfig, status: Arc<Mutex<Status>>, metrics: Metrics, apply: F) -> Self {
+    fn new(
+        config: ClientConfig,
+        status: Arc<Mutex<Status>>,
+        metrics: Metrics,
+        apply: F,
+        published: Published,
+    ) -> Self {
         Self {
+            published,
             config,
             status,
             metrics,
@@ -822,6 +859,7 @@ where
             "xDS configuration published"
         );
         (self.apply)(snapshot).await;
+        *self.published.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(self.accepted.clone());
         self.published_current = true;
         self.set(|s| {
             s.published += 1;

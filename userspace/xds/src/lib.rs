@@ -2,6 +2,7 @@
 //!
 //! - [`types`]: the ADS resource types and a set of named resources, shared by both ends.
 //! - [`client`]: the ADS client the agent and `nodemesh proxy -c` follow.
+//! - [`dump`]: the live configuration as an Envoy config dump.
 //! - [`files`] and [`server`]: `nodemesh controlplane`, which serves a folder of resource
 //!   files.
 //!
@@ -10,6 +11,7 @@
 //! (`StreamAggregatedResources`) and incremental (`DeltaAggregatedResources`). Resources
 //! are translated by `nodemesh-config`, the same translation a bootstrap file goes through.
 pub mod client;
+pub mod dump;
 pub mod files;
 pub mod server;
 pub mod types;

@@ -404,6 +404,17 @@ async fn complete_config_and_changes(delta: bool) {
         })
         .await;
     assert!(s.routes.contains_key("routes"));
+
+    // The live configuration as an Envoy config dump reads back as the same configuration.
+    let dump = f.client.config_dump().to_string();
+    let read = nodemesh_config::load_config_dump(&dump).expect("the dump parses");
+    assert_eq!(read.diagnostics.errors, Vec::<String>::new(), "{dump}");
+    let back = read.snapshot.expect("the dump translates");
+    assert_eq!(web_target(&back).as_deref(), Some("web"));
+    assert_eq!(endpoint_port(&back, "web"), Some(1003));
+    assert!(back.listener("http").is_some() && back.listener("tcp").is_none());
+    assert!(dump.contains("\"dynamic_active_clusters\""), "{dump}");
+
     f.until_status("no EDS name left for the removed cluster", |st| {
         st.types
             .get("eds")
