@@ -9,3 +9,4 @@ pub mod http;
 pub mod kubeapi;
 pub mod kubelet;
 pub mod mesh;
+pub mod xds;

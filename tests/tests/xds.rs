@@ -9,121 +9,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nodemesh_simnode::{Pod, Process, bin_path, require_root};
-use nodemesh_tests::mesh::{AgentOptions, MeshNode};
+use nodemesh_simnode::{Pod, bin_path, require_root};
+use nodemesh_tests::{
+    mesh::{AgentOptions, MeshNode},
+    xds::{self, ads_bootstrap, start_control_plane},
+};
 
 const PORT: u16 = 8080;
 const T: Duration = Duration::from_secs(60);
 
-/// The resources: an outbound listener for port 8080 routing `api.shop` (by RDS) to the
-/// EDS cluster `to`, which is one of the two server pods.
 fn write_folder(dir: &Path, a: &Pod, b: &Pod, to: &str) {
-    let cluster = |name: &str, pod: &Pod| {
-        format!(
-            r#"- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
-  name: {name}
-  type: EDS
-  connect_timeout: 1s
-  eds_cluster_config: {{ eds_config: {{ ads: {{}} }} }}
-- "@type": type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment
-  cluster_name: {name}
-  endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {ip}, port_value: {PORT} }} }} }} }}] }}]
-"#,
-            ip = pod.ip
-        )
-    };
-    let text = format!(
-        r#"resources:
-{a}{b}- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
-  name: outbound_{PORT}
-  address: {{ socket_address: {{ address: 0.0.0.0, port_value: {PORT} }} }}
-  bind_to_port: false
-  filter_chains:
-  - filters:
-    - name: envoy.filters.network.http_connection_manager
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-        stat_prefix: outbound_{PORT}
-        rds: {{ route_config_name: "{PORT}", config_source: {{ ads: {{}} }} }}
-        http_filters:
-        - name: envoy.filters.http.router
-          typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }}
-- "@type": type.googleapis.com/envoy.config.route.v3.RouteConfiguration
-  name: "{PORT}"
-  virtual_hosts:
-  - name: api
-    domains: ["api.shop", "api.shop:{PORT}"]
-    routes:
-    - match: {{ prefix: "/" }}
-      route: {{ cluster: {to} }}
-"#,
-        a = cluster("a", a),
-        b = cluster("b", b),
-    );
-    let tmp = dir.join(".resources.yaml.tmp");
-    std::fs::write(&tmp, text).expect("resources");
-    std::fs::rename(&tmp, dir.join("resources.yaml")).expect("resources");
+    xds::write_folder(dir, PORT, "api.shop", &[("a", a), ("b", b)], to).expect("resources");
 }
 
-/// A bootstrap whose only static resource is the control plane's cluster.
-fn ads_bootstrap(port: u16, delta: bool) -> String {
-    format!(
-        r#"node: {{ id: "nodemesh~198.18.0.1~node-xds", cluster: nodemesh }}
-dynamic_resources:
-  ads_config:
-    api_type: {api}
-    transport_api_version: V3
-    grpc_services: [{{ envoy_grpc: {{ cluster_name: xds }} }}]
-  cds_config: {{ ads: {{}}, resource_api_version: V3 }}
-  lds_config: {{ ads: {{}}, resource_api_version: V3 }}
-static_resources:
-  clusters:
-  - name: xds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    load_assignment:
-      cluster_name: xds
-      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }} }}] }}]
-"#,
-        api = if delta { "DELTA_GRPC" } else { "GRPC" }
-    )
-}
-
-fn control_plane(node: &MeshNode, dir: &Path, port: u16) -> Process {
-    let mut cmd = Command::new(bin_path("nodemesh"));
-    cmd.args(["controlplane", "--poll-ms", "100", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--dir")
-        .arg(dir);
-    node.sim.spawn_in_node(cmd).expect("control plane")
-}
-
-/// The upstream that answers `api.shop` from the client pod (sent to `dst`), or the error.
 fn upstream(node: &MeshNode, client: &Pod, dst: &str) -> Result<String, String> {
-    let got = node
-        .httpapp(
-            client,
-            &[
-                "request",
-                "--connect",
-                dst,
-                "--authority",
-                "api.shop",
-                "--path",
-                "/x",
-            ],
-            T,
-        )
-        .map_err(|e| e.to_string())?;
-    let r = &got["responses"][0];
-    if r["status"] != 200 {
-        return Err(format!("{got}"));
-    }
-    Ok(r["upstream"].as_str().unwrap_or_default().to_owned())
+    xds::upstream(node, client, dst, "api.shop")
 }
 
 fn until_upstream(node: &MeshNode, client: &Pod, dst: &str, want: &str) {
@@ -173,7 +73,7 @@ fn follows_the_control_plane(delta: bool) {
     std::fs::create_dir(&folder).expect("folder");
     write_folder(&folder, &a, &b, "b");
     let port = 15010 + u16::from(delta);
-    let mut cp = control_plane(&node, &folder, port);
+    let mut cp = start_control_plane(&node, &folder, port).expect("control plane");
     std::fs::write(&file, ads_bootstrap(port, delta)).expect("bootstrap");
     node.start_agent()
         .expect("agent restarted on the ADS bootstrap");
@@ -229,7 +129,7 @@ fn follows_the_control_plane(delta: bool) {
 
     // It comes back with other resources: the agent reconnects and follows.
     write_folder(&folder, &a, &b, "b");
-    let _cp = control_plane(&node, &folder, port);
+    let _cp = start_control_plane(&node, &folder, port).expect("control plane");
     until_upstream(&node, &client, &dst, "b");
     let x = xds_status(&node);
     assert!(x["connects"].as_u64() >= Some(2), "{x:#}");

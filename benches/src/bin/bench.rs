@@ -39,6 +39,8 @@ enum Part {
     Tenants,
     /// nodemesh against Envoy sidecar pairs and a node-level Envoy; density; cost growth.
     Sidecars,
+    /// 1,000 services from `nodemesh controlplane`: apply time, RSS, change to serving.
+    Xds,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,6 +63,7 @@ fn main() -> anyhow::Result<()> {
             Part::Http => parts::http::run(&common, args.rounds),
             Part::Tenants => parts::tenants::run(&common, args.rounds),
             Part::Sidecars => parts::sidecars::run(&common, args.rounds),
+            Part::Xds => parts::xds::run(&common, args.rounds),
         }
         .with_context(|| format!("part {part:?}"))?;
     }

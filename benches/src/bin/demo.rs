@@ -1,13 +1,16 @@
 //! `nodemesh-demo` (run it with `cargo xtask demo`): one simulated node, three pods in two
 //! namespaces with one of them in the mesh, the real agent and kernel programs, real
 //! traffic, and a short report of what happened.
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use nodemesh_benches::paths::{Latency, PORT, Path};
 use nodemesh_simnode::Pod;
-use nodemesh_tests::mesh::{AgentOptions, MeshNode, metric};
+use nodemesh_tests::{
+    mesh::{AgentOptions, MeshNode, metric},
+    xds,
+};
 
 #[derive(Parser)]
 struct Args {
@@ -25,6 +28,10 @@ struct Args {
 }
 
 const T: Duration = Duration::from_secs(120);
+/// The control plane's port on the node's loopback.
+const CONTROL_PLANE: u16 = 15010;
+/// The HTTP port routed at L7 (the echo port stays L4).
+const HTTP_PORT: u16 = 8090;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -34,14 +41,28 @@ fn main() -> anyhow::Result<()> {
         other => bail!("unknown scenario {other:?}: basic or namespaces"),
     }
     println!("== nodemesh demo: one node, three pods, two namespaces\n");
-    let mut node = MeshNode::start_with(
+    // The agent's L7 configuration comes from `nodemesh controlplane` on the node, which
+    // starts with an empty folder: the pods' addresses are known once they exist.
+    let work = tempfile::tempdir()?;
+    let resources = work.path().join("resources");
+    std::fs::create_dir(&resources)?;
+    let bootstrap = work.path().join("envoy.yaml");
+    std::fs::write(&bootstrap, xds::ads_bootstrap(CONTROL_PLANE, false))?;
+    let mut node = MeshNode::create(
         "demo",
         &AgentOptions {
             sockmap_mode: "auto",
+            proxy: vec![
+                "l7:".into(),
+                format!("  bootstrap: {}", bootstrap.display()),
+            ],
             ..AgentOptions::default()
         },
     )
-    .context("starting the simulated node and the agent")?;
+    .context("creating the simulated node")?;
+    let _control_plane = xds::start_control_plane(&node, &resources, CONTROL_PLANE)
+        .context("starting nodemesh controlplane on the node")?;
+    node.start_agent().context("starting the agent")?;
     let frontend = node.add_pod("frontend", "shop")?;
     let backend = node.add_pod("backend", "shop")?;
     let batch = node.add_pod("batch", "legacy")?;
@@ -134,6 +155,8 @@ fn main() -> anyhow::Result<()> {
     // Leave the demo as configured: sockmap back to the agent's own decision.
     node.set_sockmap(sockmap.enabled)?;
     node.enable_namespace("shop")?;
+
+    l7_from_the_control_plane(&mut node, &frontend, &backend, &resources)?;
 
     println!("\n== what the kernel programs counted (nodemesh status)\n");
     for p in node.status()?.counters {
@@ -232,5 +255,67 @@ fn flow(node: &MeshNode, from: &Pod, to: &Pod) -> anyhow::Result<()> {
         seen,
         report["ok"]
     );
+    Ok(())
+}
+
+/// HTTP from frontend to backend's address on [`HTTP_PORT`], routed by the configuration
+/// the control plane serves: first to backend, then (the folder changed) to a canary.
+fn l7_from_the_control_plane(
+    node: &mut MeshNode,
+    frontend: &Pod,
+    backend: &Pod,
+    resources: &std::path::Path,
+) -> anyhow::Result<()> {
+    println!(
+        "\n== L7 from the control plane: nodemesh controlplane on the node, the agent on ADS\n"
+    );
+    let canary = node.add_pod("canary", "shop")?;
+    let _servers = [
+        node.serve_http(backend, HTTP_PORT, "backend")?,
+        node.serve_http(&canary, HTTP_PORT, "canary")?,
+    ];
+    let dst = format!("{}:{HTTP_PORT}", backend.ip);
+    let clusters = [("backend", backend), ("canary", &canary)];
+    let serve = |to: &str| -> anyhow::Result<()> {
+        let written = Instant::now();
+        xds::write_folder(resources, HTTP_PORT, "api.shop", &clusters, to)?;
+        loop {
+            let got = xds::upstream(node, frontend, &dst, "api.shop");
+            if got.as_deref() == Ok(to) {
+                println!(
+                    "route api.shop -> {to:<8} served {:>5} ms after the folder changed; frontend's request to {dst} answered by {to}",
+                    written.elapsed().as_millis()
+                );
+                return Ok(());
+            }
+            if written.elapsed() > T {
+                bail!(
+                    "api.shop never reached {to}: last {got:?}\n{}",
+                    node.agent_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    serve("backend")?;
+    serve("canary")?;
+    if let Some(x) = node.status()?.xds {
+        println!(
+            "xDS client: {} ({}), {}, {} snapshots published",
+            x["server"].as_str().unwrap_or("?"),
+            x["variant"].as_str().unwrap_or("?"),
+            x["state"].as_str().unwrap_or("?"),
+            x["published"]
+        );
+        for (ty, t) in x["types"].as_object().into_iter().flatten() {
+            println!(
+                "  {ty}: version {}, {} resources, {} ACKs, {} NACKs",
+                t["version"].as_str().unwrap_or(""),
+                t["resources"],
+                t["acks"],
+                t["nacks"]
+            );
+        }
+    }
     Ok(())
 }

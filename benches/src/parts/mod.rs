@@ -4,6 +4,7 @@ pub mod http;
 pub mod sidecars;
 pub mod tcp;
 pub mod tenants;
+pub mod xds;
 
 use std::path::PathBuf;
 
