@@ -143,7 +143,10 @@ static_resources:
     )
 }
 
-/// A GET on a fresh connection; the body of a 200, if one came.
+/// A GET on a fresh connection; the body of a 200, if one came. The body is read by its
+/// `content-length`, not to the end of the stream: Envoy holds a closing connection open
+/// for `delayed_close_timeout` (1 s) waiting for the client to close first, and waiting for
+/// that would measure the timeout.
 fn get(port: u16, host: &str, path: &str) -> Option<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -152,12 +155,34 @@ fn get(port: u16, host: &str, path: &str) -> Option<String> {
         "GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"
     )
     .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    if !out.starts_with("HTTP/1.1 200") {
-        return None;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 << 10];
+    let (head_len, length) = loop {
+        let n = s.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            if !head.starts_with("http/1.1 200") {
+                return None;
+            }
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())?;
+            break (end + 4, length);
+        }
+    };
+    while buf.len() < head_len + length {
+        let n = s.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
     }
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())
+    Some(String::from_utf8_lossy(&buf[head_len..head_len + length]).into_owned())
 }
 
 /// Polls until `pred` holds, returning the time it took.
@@ -230,8 +255,15 @@ pub fn run(common: &Common, rounds: Option<usize>) -> anyhow::Result<()> {
         .arg(format!("127.0.0.1:{cp_admin}"))
         .arg("--dir")
         .arg(&dir)
-        .env("NODEMESH_LOG", "warn");
-    let _cp = spawn(cmd)?;
+        .env("NODEMESH_LOG", "info");
+    let log = common.out_dir.join("xds-controlplane.log");
+    let _cp = Killed(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("nodemesh controlplane")?,
+    );
     until("the control plane", Duration::from_secs(120), || {
         cp_version(cp_admin).is_some()
     })?;

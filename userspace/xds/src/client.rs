@@ -335,7 +335,10 @@ struct State<F> {
     metrics: Metrics,
     apply: F,
     /// The last accepted dynamic resources.
-    accepted: ResourceSet,
+    accepted: Arc<ResourceSet>,
+    /// The translation of `accepted`, when nothing changed it since: published as it is
+    /// instead of translating the same resources twice.
+    translated: Option<(Snapshot, BTreeSet<String>)>,
     /// Per type: the last accepted version, the last nonce seen, the names asked for.
     versions: HashMap<ResourceType, String>,
     nonces: HashMap<ResourceType, String>,
@@ -375,7 +378,8 @@ where
             status,
             metrics,
             apply,
-            accepted: ResourceSet::default(),
+            accepted: Arc::default(),
+            translated: None,
             versions: HashMap::new(),
             nonces: HashMap::new(),
             subscribed: HashMap::new(),
@@ -538,7 +542,7 @@ where
             })
             .collect();
         let outcome = decoded.and_then(|resources| {
-            let mut candidate = self.accepted.clone();
+            let mut candidate = (*self.accepted).clone();
             candidate.replace(ty, resources);
             self.check(candidate)
         });
@@ -548,10 +552,8 @@ where
         };
         let error_detail = self.record(ty, &resp.version_info, &resp.nonce, outcome.as_ref().err());
         if let Ok(checked) = outcome {
-            self.accepted = checked.resources;
             self.versions.insert(ty, resp.version_info.clone());
-            self.published_current = false;
-            self.after_accept(&checked.snapshot, tx).await?;
+            self.after_accept(checked, tx).await?;
         }
         tx.send(Out::Sotw(DiscoveryRequest {
             node: self.node_if_needed(),
@@ -585,7 +587,7 @@ where
             return Ok(());
         };
         self.nonces.insert(ty, resp.nonce.clone());
-        let mut candidate = self.accepted.clone();
+        let mut candidate = (*self.accepted).clone();
         let mut outcome = Ok(());
         for r in resp.resources {
             let Some(any) = r.resource else {
@@ -622,10 +624,8 @@ where
             outcome.as_ref().err(),
         );
         if let Ok(checked) = outcome {
-            self.accepted = checked.resources;
             self.versions.insert(ty, resp.system_version_info.clone());
-            self.published_current = false;
-            self.after_accept(&checked.snapshot, tx).await?;
+            self.after_accept(checked, tx).await?;
         }
         tx.send(Out::Delta(DeltaDiscoveryRequest {
             type_url: ty.type_url().to_owned(),
@@ -639,11 +639,17 @@ where
 
     /// Translates a candidate set with the bootstrap's static resources.
     fn check(&self, resources: ResourceSet) -> Result<Checked, String> {
+        let started = std::time::Instant::now();
         let translated = nodemesh_config::translate(&resources.to_config(&self.config.base));
+        debug!(
+            took_us = started.elapsed().as_micros(),
+            "candidate translated"
+        );
         match translated.snapshot {
             Some(snapshot) => Ok(Checked {
                 resources,
                 snapshot,
+                missing_routes: translated.missing_routes,
             }),
             None => Err(translated.diagnostics.errors.join("; ")),
         }
@@ -699,9 +705,16 @@ where
     /// references any more, and publish if nothing is warming.
     async fn after_accept(
         &mut self,
-        snapshot: &Snapshot,
+        checked: Checked,
         tx: &mpsc::Sender<Out>,
     ) -> anyhow::Result<()> {
+        let Checked {
+            resources,
+            snapshot,
+            missing_routes,
+        } = checked;
+        self.accepted = Arc::new(resources);
+        self.published_current = false;
         let mut wanted: HashMap<ResourceType, BTreeSet<String>> = HashMap::new();
         let eds = wanted.entry(ResourceType::Endpoints).or_default();
         for c in snapshot.clusters.values() {
@@ -719,6 +732,7 @@ where
                 }
             }
         }
+        self.translated = Some((snapshot, missing_routes));
         for (ty, names) in wanted {
             let old = self.subscribed.get(&ty).cloned().unwrap_or_default();
             if old == names {
@@ -726,7 +740,10 @@ where
             }
             // What nothing references any more goes now; it cannot be asked for again
             // without a new reference.
-            self.accepted.retain(ty, |n| names.contains(n));
+            if self.accepted.of(ty).any(|r| !names.contains(&r.name)) {
+                Arc::make_mut(&mut self.accepted).retain(ty, |n| names.contains(n));
+                self.translated = None;
+            }
             let added: Vec<String> = names.difference(&old).cloned().collect();
             let removed: Vec<String> = old.difference(&names).cloned().collect();
             let asked_at = tokio::time::Instant::now();
@@ -835,13 +852,21 @@ where
             debug!(?warming, "xDS configuration warming");
             return;
         }
-        let translated = nodemesh_config::translate(&self.accepted.to_config(&self.config.base));
-        let Some(snapshot) = translated.snapshot else {
-            // Every accepted set translated; this cannot fail unless time-dependent.
-            warn!(errors = ?translated.diagnostics.errors, "accepted xDS resources no longer translate");
-            return;
+        let (snapshot, missing_routes) = match self.translated.take() {
+            Some(t) => t,
+            None => {
+                let t = nodemesh_config::translate(&self.accepted.to_config(&self.config.base));
+                let Some(snapshot) = t.snapshot else {
+                    // Every accepted set translated; what remains of one after unreferenced
+                    // resources are dropped translates too.
+                    warn!(errors = ?t.diagnostics.errors, "accepted xDS resources no longer translate");
+                    return;
+                };
+                (snapshot, t.missing_routes)
+            }
         };
-        if !translated.missing_routes.is_empty() {
+        if !missing_routes.is_empty() {
+            self.translated = Some((snapshot, missing_routes));
             return;
         }
         // What is ignored or answered locally (unknown clusters): once per new warning, and
@@ -852,14 +877,21 @@ where
         }
         self.set(|s| s.warnings = warnings.iter().cloned().collect());
         self.warned = warnings;
+        let (listeners, clusters, routes) = (
+            snapshot.listeners.len(),
+            snapshot.clusters.len(),
+            snapshot.routes.len(),
+        );
+        *self.published.lock().unwrap_or_else(|e| e.into_inner()) = self.accepted.clone();
+        let started = std::time::Instant::now();
+        (self.apply)(snapshot).await;
         info!(
-            listeners = snapshot.listeners.len(),
-            clusters = snapshot.clusters.len(),
-            routes = snapshot.routes.len(),
+            listeners,
+            clusters,
+            routes,
+            apply_us = started.elapsed().as_micros(),
             "xDS configuration published"
         );
-        (self.apply)(snapshot).await;
-        *self.published.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(self.accepted.clone());
         self.published_current = true;
         self.set(|s| {
             s.published += 1;
@@ -871,6 +903,7 @@ where
 struct Checked {
     resources: ResourceSet,
     snapshot: Snapshot,
+    missing_routes: BTreeSet<String>,
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

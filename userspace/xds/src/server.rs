@@ -354,7 +354,9 @@ async fn watch_dir(
         seen = now_seen;
         let dir = config.dir.clone();
         let check = config.check;
+        let started = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || files::load_dir(&dir, check)).await;
+        let took_ms = started.elapsed().as_millis();
         match result {
             Ok(Ok(loaded)) => {
                 if loaded.version == tx.borrow().version {
@@ -364,13 +366,13 @@ async fn watch_dir(
                 for w in &loaded.warnings {
                     warn!(dir = %config.dir.display(), "ignored: {w}");
                 }
-                info!(dir = %config.dir.display(), version = %loaded.version, "reloaded");
+                info!(dir = %config.dir.display(), version = %loaded.version, took_ms, "reloaded");
                 shared.metrics.reload("ok");
                 record_loaded(&shared, &loaded);
                 tx.send_replace(Arc::new(loaded));
             }
             Ok(Err(e)) => {
-                warn!(dir = %config.dir.display(), error = %e, "reload failed; the previous resources keep serving");
+                warn!(dir = %config.dir.display(), error = %e, took_ms, "reload failed; the previous resources keep serving");
                 shared.metrics.reload("error");
                 shared.set(|s| {
                     s.reload_errors += 1;
