@@ -318,7 +318,7 @@ fn the_example_values_land_where_they_belong() -> anyhow::Result<()> {
     let cfg = agent_config(&docs);
     assert_eq!(cfg.namespace_selector, "mesh=on,tier!=legacy");
     assert_eq!(cfg.log.level, "debug,nodemesh_workloads=trace");
-    assert_eq!(cfg.control_plane, "istiod.istio-system.svc:15012");
+    assert_eq!(cfg.control_plane, "istiod.istio-system.svc:15010");
     let c = &find(&docs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(c["image"], "registry.example/nodemesh:v0.1.0");
     assert_eq!(c["resources"]["limits"]["cpu"], "500m");

@@ -150,3 +150,36 @@ fn the_agent_follows_a_delta_control_plane_through_changes_and_outages() {
     }
     follows_the_control_plane(true);
 }
+
+/// The agent's own `control_plane` setting (what the DaemonSet's `CONTROL_PLANE` sets), with
+/// no bootstrap at all: the L7 proxy is on, everything comes over ADS.
+#[test]
+fn the_agent_follows_its_control_plane_setting_without_a_bootstrap() {
+    if !require_root() {
+        return;
+    }
+    let work = tempfile::tempdir().expect("work dir");
+    let folder = work.path().join("resources");
+    std::fs::create_dir(&folder).expect("folder");
+    let port = 15013;
+    let opts = AgentOptions {
+        extra: vec![format!("control_plane: 127.0.0.1:{port}")],
+        ..AgentOptions::default()
+    };
+    let mut node = MeshNode::create("xdsc", &opts).expect("node");
+    // The folder starts empty: the pods' addresses are known once they exist.
+    let _cp = start_control_plane(&node, &folder, port).expect("control plane");
+    node.start_agent().expect("agent");
+    let client = node.add_pod("client", "shop").expect("pod");
+    let a = node.add_pod("server-a", "shop").expect("pod");
+    let b = node.add_pod("server-b", "shop").expect("pod");
+    node.enable_namespace("shop").expect("label");
+    let _sa = node.serve_http(&a, PORT, "a").expect("server a");
+    let _sb = node.serve_http(&b, PORT, "b").expect("server b");
+    let dst = format!("{}:{PORT}", a.ip);
+    write_folder(&folder, &a, &b, "b");
+    until_upstream(&node, &client, &dst, "b");
+    let x = xds_status(&node);
+    assert_eq!(x["server"], format!("127.0.0.1:{port}"), "{x:#}");
+    assert_eq!(x["variant"], "sotw");
+}

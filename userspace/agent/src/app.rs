@@ -163,7 +163,11 @@ async fn agent(cfg: AgentConfig, data: Handle) -> anyhow::Result<()> {
     let orig_dst = Arc::new(KernelOrigDst::new(
         OrigDstMap::open(&pin_dir).context("opening NM_ORIG_DST")?,
     ));
-    let l7 = match &cfg.proxy.l7 {
+    // A control plane alone turns the L7 proxy on, with nothing static.
+    let l7_config = cfg.proxy.l7.clone().or_else(|| {
+        (!cfg.control_plane.is_empty()).then(nodemesh_proxy::config::L7Config::default)
+    });
+    let l7 = match &l7_config {
         Some(l7) => {
             let engine = start_l7(&cfg, l7, &table, &data, &mut metrics)?;
             engine.reporter().set_tcp_metrics(proxy_metrics.tcp());
@@ -222,9 +226,6 @@ async fn agent(cfg: AgentConfig, data: Handle) -> anyhow::Result<()> {
     } else {
         None
     };
-    if !cfg.control_plane.is_empty() {
-        warn!(control_plane = %cfg.control_plane, "control_plane is set, but this agent has no xDS client yet: ignored");
-    }
     let admin_state = Arc::new(AdminState {
         ready: false.into(),
         metrics,
@@ -467,7 +468,7 @@ fn follow_control_plane(
     client: nodemesh_xds::client::ClientConfig,
     metrics: &mut prometheus_client::registry::Registry,
 ) {
-    let server = client.server;
+    let server = client.server.clone();
     let xds_metrics = nodemesh_xds::client::Metrics::register(metrics);
     let target = Arc::downgrade(engine);
     let client = nodemesh_xds::client::spawn(client, xds_metrics, move |snapshot| {
@@ -481,6 +482,18 @@ fn follow_control_plane(
     info!(%server, "following the xDS control plane");
 }
 
+/// This node's name for the control plane: the Kubernetes node name when known.
+fn node_name(cfg: &AgentConfig) -> String {
+    if !cfg.kubernetes.node_name.is_empty() {
+        return cfg.kubernetes.node_name.clone();
+    }
+    std::env::var("NODE_NAME")
+        .or_else(|_| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|_| "node".into())
+}
+
 fn start_l7(
     cfg: &AgentConfig,
     l7: &nodemesh_proxy::config::L7Config,
@@ -489,15 +502,36 @@ fn start_l7(
     metrics: &mut prometheus_client::registry::Registry,
 ) -> anyhow::Result<Arc<nodemesh_http::Engine>> {
     let reading = || format!("reading proxy.l7.bootstrap {}", l7.bootstrap.display());
-    let text = std::fs::read_to_string(&l7.bootstrap).with_context(reading)?;
+    let text = if l7.bootstrap.as_os_str().is_empty() {
+        "static_resources: {}\n".to_owned()
+    } else {
+        std::fs::read_to_string(&l7.bootstrap).with_context(reading)?
+    };
     // A bootstrap with `dynamic_resources` is followed through its ADS control plane, as
-    // `nodemesh proxy -c` and Envoy follow it; the static resources are the first snapshot.
+    // `nodemesh proxy -c` and Envoy follow it; so is the agent's `control_plane`. The static
+    // resources are the first snapshot.
     let resources = nodemesh_config::read_bootstrap(&text).ok();
     let ads = match resources {
-        Some(res) if res.ads.is_some() => Some(
-            nodemesh_xds::client::ClientConfig::from_bootstrap(res)
-                .with_context(|| format!("proxy.l7.bootstrap {}", l7.bootstrap.display()))?,
-        ),
+        Some(res) if res.ads.is_some() => {
+            if !cfg.control_plane.is_empty() {
+                bail!(
+                    "control_plane ({}) and proxy.l7.bootstrap's dynamic_resources both name a control plane; keep one",
+                    cfg.control_plane
+                );
+            }
+            Some(
+                nodemesh_xds::client::ClientConfig::from_bootstrap(res)
+                    .with_context(|| format!("proxy.l7.bootstrap {}", l7.bootstrap.display()))?,
+            )
+        }
+        Some(res) if !cfg.control_plane.is_empty() => {
+            let node_id = format!("nodemesh~{}~{}", cfg.proxy.listen.ip(), node_name(cfg));
+            Some(nodemesh_xds::client::ClientConfig::for_control_plane(
+                &cfg.control_plane,
+                node_id,
+                res,
+            ))
+        }
         _ => None,
     };
     let translated = match &ads {

@@ -42,8 +42,11 @@ pub struct AgentConfig {
     pub runtime: RuntimeConfig,
     #[serde(default)]
     pub kubernetes: KubernetesConfig,
-    /// The xDS control plane (`host:port`). Reserved: the agent has no xDS client yet, so a
-    /// set address is logged and ignored (routing comes from `proxy.l7.bootstrap`).
+    /// The xDS control plane (`host:port`, plaintext gRPC, e.g. istiod's 15010 or
+    /// `nodemesh controlplane`): the L7 proxy follows it over ADS (state of the world), with
+    /// `proxy.l7.bootstrap`'s static resources, if any, as the base. Setting it turns the L7
+    /// proxy on. Alternatively the bootstrap's own `dynamic_resources` name the control
+    /// plane (and choose delta); setting both is an error.
     #[serde(default)]
     pub control_plane: String,
 }

@@ -34,7 +34,10 @@ pub struct ProxyConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct L7Config {
-    /// An Envoy v3 bootstrap (YAML or JSON); its `static_resources` are the configuration.
+    /// An Envoy v3 bootstrap (YAML or JSON): its `static_resources`, and with
+    /// `dynamic_resources` the ADS control plane that sends the rest. May be left out when
+    /// the agent's `control_plane` is set (everything then comes from it).
+    #[serde(default)]
     pub bootstrap: std::path::PathBuf,
     /// Per-pod request limits (connections are limited by `max_connections_per_pod`).
     #[serde(default)]
@@ -53,6 +56,18 @@ pub struct L7Config {
 
 fn yes() -> bool {
     true
+}
+
+impl Default for L7Config {
+    fn default() -> Self {
+        Self {
+            bootstrap: std::path::PathBuf::new(),
+            max_requests_per_pod: None,
+            max_pending_per_pod: None,
+            close_denied_on_update: yes(),
+            access_log_queue: None,
+        }
+    }
 }
 
 impl Default for ProxyConfig {

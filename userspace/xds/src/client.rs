@@ -24,7 +24,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     future::Future,
-    net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -53,11 +52,12 @@ use tracing::{debug, info, warn};
 use crate::types::{Resource, ResourceSet, ResourceType};
 
 /// The types this client subscribes to, in warming order.
-const TYPES: [ResourceType; 4] = [
+const TYPES: [ResourceType; 5] = [
     ResourceType::Cluster,
     ResourceType::Endpoints,
     ResourceType::Listener,
     ResourceType::Route,
+    ResourceType::Secret,
 ];
 
 /// gRPC's INVALID_ARGUMENT, the code Envoy puts in a NACK's `error_detail`.
@@ -66,8 +66,9 @@ const INVALID_ARGUMENT: i32 = 3;
 /// What the client needs besides the control plane's address.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// The control plane (the first endpoint of the bootstrap's ADS cluster).
-    pub server: SocketAddr,
+    /// The control plane, `host:port` (the first endpoint of the bootstrap's ADS cluster; a
+    /// name is resolved at each connect).
+    pub server: String,
     pub ads: AdsSource,
     /// The bootstrap's static resources (the ADS cluster among them); every snapshot has them.
     pub base: nodemesh_config::Resources,
@@ -100,23 +101,51 @@ impl ClientConfig {
             )
         })?;
         let server = match &cluster.discovery {
-            Discovery::Static(endpoints) => endpoints.first().map(|e| e.address),
+            Discovery::Static(endpoints) => endpoints.first().map(|e| e.address.to_string()),
+            Discovery::StrictDns { names, .. } => names
+                .first()
+                .map(|(host, port, _)| format!("{host}:{port}")),
             _ => None,
         }
         .ok_or_else(|| {
             anyhow::anyhow!(
-                "ADS cluster {:?} must be STATIC with at least one endpoint",
+                "ADS cluster {:?} must be STATIC or STRICT_DNS with at least one endpoint",
                 ads.cluster
             )
         })?;
-        Ok(Self {
+        Ok(Self::new(server, ads, base))
+    }
+
+    /// Follows the control plane at `authority` (`host:port`) over ADS, state of the world,
+    /// as `node_id`, on top of `base`: the agent's `control_plane` setting.
+    pub fn for_control_plane(
+        authority: &str,
+        node_id: String,
+        base: nodemesh_config::Resources,
+    ) -> Self {
+        let ads = AdsSource {
+            cluster: String::new(),
+            delta: false,
+            node: envoy_types::pb::envoy::config::core::v3::Node {
+                id: node_id,
+                cluster: "nodemesh".into(),
+                ..Default::default()
+            },
+            node_on_first_message_only: false,
+            initial_fetch_timeout: Duration::from_secs(15),
+        };
+        Self::new(authority.to_owned(), ads, base)
+    }
+
+    fn new(server: String, ads: AdsSource, base: nodemesh_config::Resources) -> Self {
+        Self {
             server,
             ads,
             base,
             max_resource_bytes: 4 << 20,
             max_message_bytes: 64 << 20,
             backoff: Backoff::default(),
-        })
+        }
     }
 }
 
@@ -733,6 +762,14 @@ where
             }
         }
         self.translated = Some((snapshot, missing_routes));
+        let base = &self.config.base;
+        let holders = base
+            .clusters
+            .iter()
+            .chain(&base.listeners)
+            .chain(self.accepted.of(ResourceType::Cluster).map(|r| &r.message))
+            .chain(self.accepted.of(ResourceType::Listener).map(|r| &r.message));
+        wanted.insert(ResourceType::Secret, crate::refs::secret_names(holders));
         for (ty, names) in wanted {
             let old = self.subscribed.get(&ty).cloned().unwrap_or_default();
             if old == names {
@@ -806,6 +843,10 @@ where
         let timeout = self.config.ads.initial_fetch_timeout;
         let mut out = Vec::new();
         for (ty, names) in &self.subscribed {
+            // Secrets are held for the TLS a later version terminates; nothing waits on them.
+            if *ty == ResourceType::Secret {
+                continue;
+            }
             for n in names {
                 if self.accepted.get(*ty, n).is_some() {
                     continue;

@@ -13,6 +13,7 @@
 pub mod client;
 pub mod dump;
 pub mod files;
+pub mod refs;
 pub mod server;
 pub mod types;
 

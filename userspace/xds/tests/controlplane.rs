@@ -206,7 +206,7 @@ struct Follower {
 
 fn config(addr: SocketAddr, delta: bool) -> ClientConfig {
     ClientConfig {
-        server: addr,
+        server: addr.to_string(),
         ads: nodemesh_config::AdsSource {
             cluster: "xds".into(),
             delta,
