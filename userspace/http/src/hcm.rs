@@ -191,7 +191,7 @@ fn classify(e: &hyper::Error) -> &'static str {
 }
 
 /// One request, from admission to the response head.
-async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody> {
+async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespBody> {
     let stream = ctx.tracker.stream_started();
     let started = Instant::now();
     let grpc = route::is_grpc(req.headers());
@@ -214,8 +214,9 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody>
         ctx.accepted.destination,
         ctx.accepted.source.principal.clone(),
     );
-    entry.bytes_received = content_length;
-    let request_bytes = report::head_size(req.headers()) + content_length;
+    let request_head = report::head_size(req.headers());
+    let received = report::BodyBytes::default();
+    req.extensions_mut().insert(received.clone());
     let (mut response, sanitized) = handle_stream(&ctx, req, grpc, keep_headers).await;
     if !ctx.downstream_h2 && ctx.drain.is_draining() {
         // HTTP/1.1 on a draining listener: this response is the connection's last.
@@ -254,7 +255,9 @@ async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Response<RespBody>
         started,
         entry,
         grpc,
-        request_bytes,
+        request_head,
+        content_length,
+        received,
     };
     let head = report::head_size(&parts.headers);
     let body = report::Reported::new(downstream::Guarded::new(body, stream), pending, head);

@@ -90,12 +90,18 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: B,
         activity: Activity,
+        received: Option<crate::report::BodyBytes>,
     }
 }
 
 impl<B> Touching<B> {
-    pub fn new(inner: B, activity: Activity) -> Self {
-        Self { inner, activity }
+    /// `received` counts the data bytes that pass (the request body's size for reports).
+    pub fn new(inner: B, activity: Activity, received: Option<crate::report::BodyBytes>) -> Self {
+        Self {
+            inner,
+            activity,
+            received,
+        }
     }
 }
 
@@ -114,7 +120,14 @@ where
         let polled = this.inner.poll_frame(cx);
         match &polled {
             Poll::Ready(None) => this.activity.set_request_complete(),
-            Poll::Ready(Some(_)) => this.activity.touch(),
+            Poll::Ready(Some(frame)) => {
+                this.activity.touch();
+                if let (Some(counter), Ok(frame)) = (this.received.as_ref(), frame)
+                    && let Some(data) = frame.data_ref()
+                {
+                    counter.add(data.len());
+                }
+            }
             Poll::Pending => {}
         }
         polled

@@ -165,8 +165,29 @@ pub(crate) struct Pending {
     pub started: Instant,
     pub entry: Entry,
     pub grpc: bool,
-    /// Request head and body bytes (the body as `content-length` says).
-    pub request_bytes: u64,
+    /// The request head's size.
+    pub request_head: u64,
+    /// The request body's `content-length`, when it had one.
+    pub content_length: u64,
+    /// The request body bytes that went through the proxy (chunked, HTTP/2, gRPC bodies).
+    pub received: BodyBytes,
+}
+
+/// Counts a request body's bytes as they are forwarded (`Touching` adds to it), so that a
+/// body without `content-length` (chunked HTTP/1.1, HTTP/2, gRPC streams) is reported
+/// with its real size in `istio_request_bytes` and `%BYTES_RECEIVED%`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BodyBytes(Arc<std::sync::atomic::AtomicU64>);
+
+impl BodyBytes {
+    pub fn add(&self, n: usize) {
+        self.0
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl Pending {
@@ -175,6 +196,10 @@ impl Pending {
         let duration = self.started.elapsed();
         self.entry.duration = duration;
         self.entry.bytes_sent = bytes_sent;
+        // What was forwarded; a body the upstream did not read counts as declared.
+        let body = self.received.get().max(self.content_length);
+        self.entry.bytes_received = body;
+        let request_bytes = self.request_head + body;
         let reporter = self.engine.reporter();
         let dst = reporter.destination(self.entry.upstream_host.map(|a| a.ip()));
         let destination = dst
@@ -206,7 +231,7 @@ impl Pending {
         reporter.metrics.record(
             &labels,
             duration.as_secs_f64() * 1000.0,
-            self.request_bytes,
+            request_bytes,
             head_bytes + bytes_sent,
         );
         if self.hcm.access_logs.is_empty() {

@@ -180,6 +180,7 @@ pub(crate) async fn forward(
         }
     }
 
+    let received = req.extensions().get::<crate::report::BodyBytes>().cloned();
     let (mut parts, body) = req.into_parts();
     let downstream_upgrade = upgrade.as_ref().map(|_| {
         let mut shell = Request::new(());
@@ -228,7 +229,7 @@ pub(crate) async fn forward(
         .boxed(),
         None => body.map_err(|e| -> BoxError { Box::new(e) }).boxed(),
     };
-    let mut first_body = Some(Touching::new(first, activity.clone()).boxed());
+    let mut first_body = Some(Touching::new(first, activity.clone(), received).boxed());
     let timers = Timers {
         deadline,
         per_try,

@@ -369,3 +369,79 @@ static_resources:
     assert_eq!(value("istio_tcp_received_bytes_total"), Some(5.0), "{text}");
     assert_eq!(value("istio_tcp_sent_bytes_total"), Some(5.0), "{text}");
 }
+
+type Frames =
+    std::vec::IntoIter<Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>>;
+
+/// A body of `n` bytes in 1000-byte frames with no declared length (chunked over
+/// HTTP/1.1, DATA frames without `content-length` over HTTP/2).
+fn streamed(n: usize) -> http_body_util::StreamBody<futures_util::stream::Iter<Frames>> {
+    let frames: Vec<_> = (0..n.div_ceil(1000))
+        .map(|i| {
+            let len = (n - i * 1000).min(1000);
+            Ok(hyper::body::Frame::data(bytes::Bytes::from(vec![
+                b'x';
+                len
+            ])))
+        })
+        .collect();
+    http_body_util::StreamBody::new(futures_util::stream::iter(frames))
+}
+
+#[tokio::test]
+async fn bodies_without_a_length_are_counted_as_forwarded() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let up = Upstream::start("up").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("access.log");
+    let (running, addr) = start(&bootstrap(&log, "", &up)).await;
+
+    // HTTP/1.1, chunked.
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let req = http::Request::post("/chunked")
+        .header("host", "shop")
+        .body(streamed(3000))
+        .expect("request");
+    let got = common::read(h1.send_request(req).await.expect("response")).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.json()["body"].as_str().map(str::len), Some(3000));
+
+    // HTTP/2 (h2c), DATA frames without content-length.
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = http::Request::post("http://shop/h2")
+        .body(streamed(5000))
+        .expect("request");
+    let got = common::read(h2.send_request(req).await.expect("response")).await;
+    assert_eq!(got.status, 200);
+
+    let entries: Vec<serde_json::Value> = lines(&log, 2)
+        .await
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    let received = |path: &str| {
+        entries
+            .iter()
+            .find(|e| e["path"] == path)
+            .map(|e| e["bytes_received"].clone())
+    };
+    assert_eq!(received("/chunked"), Some(3000.into()), "{entries:?}");
+    assert_eq!(received("/h2"), Some(5000.into()), "{entries:?}");
+    // istio_request_bytes: heads and bodies of both requests.
+    let text = metrics(running.admin.expect("admin")).await;
+    let sum: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("istio_request_bytes_sum{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(sum >= 8000.0, "istio_request_bytes_sum {sum}:\n{text}");
+}
