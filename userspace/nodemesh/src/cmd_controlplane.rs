@@ -31,9 +31,44 @@ pub struct Args {
     /// resources nodemesh would refuse. Never in production.
     #[arg(long)]
     pub unchecked: bool,
+    /// Load and check the folder, print what it holds, and exit (non-zero if it does not
+    /// load): for CI before the folder is deployed.
+    #[arg(long)]
+    pub validate: bool,
+}
+
+/// `--validate`: the folder's resources by type, and every warning, or every error.
+fn validate(args: &Args) -> anyhow::Result<()> {
+    match nodemesh_xds::files::load_dir(&args.dir, !args.unchecked) {
+        Ok(loaded) => {
+            println!("{}: version {}", args.dir.display(), loaded.version);
+            for (path, n) in &loaded.files {
+                println!("  {}: {n} resources", path.display());
+            }
+            for ty in nodemesh_xds::ResourceType::ALL {
+                let n = loaded.set.len(ty);
+                if n > 0 {
+                    println!("  {}: {n}", ty.kind());
+                }
+            }
+            for w in &loaded.warnings {
+                println!("  warning: {w}");
+            }
+            Ok(())
+        }
+        Err(e) => {
+            for line in &e.0 {
+                eprintln!("error: {line}");
+            }
+            anyhow::bail!("{}: {} error(s)", args.dir.display(), e.0.len())
+        }
+    }
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
+    if args.validate {
+        return validate(args);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -84,6 +84,7 @@ pub fn load_dir(dir: &Path, check: bool) -> Result<Loaded, LoadError> {
     let mut set = ResourceSet::default();
     let mut origin: BTreeMap<(ResourceType, String), PathBuf> = BTreeMap::new();
     let mut counted = Vec::new();
+    let mut unreadable = false;
     for path in files {
         match load_file(&path) {
             Ok(resources) => {
@@ -104,11 +105,16 @@ pub fn load_dir(dir: &Path, check: bool) -> Result<Loaded, LoadError> {
                     set.insert(ty, resource);
                 }
             }
-            Err(mut e) => errors.append(&mut e),
+            Err(mut e) => {
+                unreadable = true;
+                errors.append(&mut e);
+            }
         }
     }
+    // A set with a file missing would report what that file defines as missing too: only
+    // a set read whole (duplicates aside: the first definition counts) is translated.
     let mut warnings = Vec::new();
-    if errors.is_empty() && check {
+    if !unreadable && check {
         let mut config = set.to_config(&nodemesh_config::Resources::default());
         config.dynamic = false;
         let translated = nodemesh_config::translate(&config);
