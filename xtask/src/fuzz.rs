@@ -13,7 +13,13 @@ use crate::util;
 use crate::workspace::Workspace;
 
 /// The targets, in `fuzz/Cargo.toml`.
-pub const TARGETS: &[&str] = &["detect", "config", "grpc_timeout", "sanitize"];
+pub const TARGETS: &[&str] = &[
+    "detect",
+    "config",
+    "grpc_timeout",
+    "sanitize",
+    "xds_resource",
+];
 
 /// cargo-fuzz, installed from crates.io when missing.
 pub fn check_cargo_fuzz() -> anyhow::Result<Check> {

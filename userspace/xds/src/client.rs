@@ -551,6 +551,7 @@ where
         let Some(ty) = ResourceType::from_type_url(&resp.type_url) else {
             let reason = format!("type {:?} is not one nodemesh subscribes to", resp.type_url);
             warn!(nonce = %resp.nonce, "{reason}");
+            self.count_unknown_type();
             tx.send(Out::Sotw(DiscoveryRequest {
                 node: self.node_if_needed(),
                 type_url: resp.type_url.clone(),
@@ -606,6 +607,7 @@ where
         let Some(ty) = ResourceType::from_type_url(&resp.type_url) else {
             let reason = format!("type {:?} is not one nodemesh subscribes to", resp.type_url);
             warn!(nonce = %resp.nonce, "{reason}");
+            self.count_unknown_type();
             tx.send(Out::Delta(DeltaDiscoveryRequest {
                 type_url: resp.type_url.clone(),
                 response_nonce: resp.nonce.clone(),
@@ -682,6 +684,17 @@ where
             }),
             None => Err(translated.diagnostics.errors.join("; ")),
         }
+    }
+
+    /// A response of a type nodemesh does not subscribe to, NACKed.
+    fn count_unknown_type(&self) {
+        self.metrics
+            .updates
+            .get_or_create(&TypeResult {
+                r#type: "unknown".to_owned(),
+                result: "nack".to_owned(),
+            })
+            .inc();
     }
 
     /// Counts, logs and keeps the outcome of one response; the `error_detail` of its reply.
