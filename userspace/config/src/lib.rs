@@ -6,6 +6,7 @@ pub mod matcher;
 pub mod model;
 pub mod pool;
 pub mod support;
+pub mod tls;
 
 pub use convert::{
     AdsSource, Resources, Translated, load_bootstrap, load_config_dump, load_file, read_bootstrap,
