@@ -1049,12 +1049,12 @@ impl Cx {
                 self.diags.warn(format!(
                     "optional HTTP filter {:?} ({}) is skipped: not supported",
                     f.name,
-                    type_name(any)
+                    istio::describe(any)
                 ));
             } else {
                 self.diags.error(format!(
                     "{fat}: HTTP filter type {} is not supported",
-                    type_name(any)
+                    istio::describe(any)
                 ));
             }
         }
@@ -1919,7 +1919,7 @@ impl Cx {
 
 impl Cx {
     /// `upstream_bind_config`: istiod binds the upstream connections of its inbound
-    /// passthrough clusters to 127.0.0.6 (or ::6) so that its iptables rules do not capture
+    /// passthrough clusters to 127.0.0.6 (::6 for IPv6) so that its iptables rules do not capture
     /// them again. nodemesh's capture recognises its own sockets by `SO_MARK`, so that
     /// binding has no purpose here and is not done (a warning says so). Any other source
     /// address is what the upstream sees, and is refused.
@@ -1933,13 +1933,18 @@ impl Cx {
             };
             Some((ip, port))
         });
+        let istio_guard =
+            |ip: IpAddr| ip.is_loopback() || ip == IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 6]);
         match source {
-            Some((ip, 0)) if ip.is_loopback() => self.diags.warn(format!(
-                "cluster {:?}: upstream_bind_config source {ip} (Istio's guard against re-capturing its own connections) is not bound: nodemesh's capture skips its own sockets by SO_MARK, and the upstream sees the usual source address",
+            Some((ip, 0)) if istio_guard(ip) => self.diags.warn(format!(
+                "cluster {:?}: upstream_bind_config source {ip} (Istio's guard against \
+                 re-capturing its own connections) is not bound: nodemesh's capture skips its \
+                 own sockets by SO_MARK, and the upstream sees the usual source address",
                 c.name
             )),
             _ => self.diags.error(format!(
-                "{at}.upstream_bind_config: only a loopback source address with port 0                  (Istio's inbound passthrough binding) is accepted"
+                "{at}.upstream_bind_config: only a loopback (or ::6) source address with \
+                 port 0 (Istio's inbound passthrough binding) is accepted"
             )),
         }
     }

@@ -97,6 +97,15 @@ pub fn warn(kind: &str, name: &str, any: &Any, reason: &str, diags: &mut Diagnos
     ));
 }
 
+/// The configuration's type for messages: a `TypedStruct` with the type it wraps.
+pub fn describe(any: &Any) -> String {
+    let outer = type_name(any);
+    match inner(any) {
+        Some((url, _)) if TYPED_STRUCTS.contains(&outer) => format!("{outer} of {url}"),
+        _ => outer.to_owned(),
+    }
+}
+
 /// Whether `any` is an HTTP filter that does nothing as configured (istiod's empty fault
 /// and CORS filters). Set fields are checked: a fault to inject is an error.
 pub fn inert_http(any: &Any, at: &str, diags: &mut Diagnostics) -> bool {

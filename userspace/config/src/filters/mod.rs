@@ -201,9 +201,10 @@ pub fn network_filter(any: &Any, at: &str, diags: &mut Diagnostics) -> Option<Ne
             let c: net_rbac_pb::Rbac = decode(any, at, diags)?;
             Some(NetworkPolicy::Rbac(Arc::new(rbac::network(&c, at, diags)?)))
         }
-        other => {
+        _ => {
             diags.error(format!(
-                "{at}: network filter type {other} is not supported"
+                "{at}: network filter type {} is not supported",
+                istio::describe(any)
             ));
             None
         }
