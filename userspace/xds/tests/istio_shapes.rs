@@ -40,8 +40,12 @@ fn translate(dir: &Path) -> Translated {
     nodemesh_config::translate(&config)
 }
 
-/// A case that must be accepted whole: no errors, every RDS name present.
+/// A case that must be accepted whole: no errors, every RDS name present. It is also a
+/// complete configuration `nodemesh controlplane` would serve (a checked load).
 fn accepted(case: &str) -> (Snapshot, Vec<String>) {
+    if let Err(e) = nodemesh_xds::files::load_dir(&corpus(case), true) {
+        panic!("{case}: the control plane would not serve it: {e}");
+    }
     let t = translate(&corpus(case));
     assert!(
         t.diagnostics.errors.is_empty(),
