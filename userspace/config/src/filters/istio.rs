@@ -120,12 +120,17 @@ pub fn inert_http(any: &Any, at: &str, diags: &mut Diagnostics) -> bool {
     true
 }
 
-/// The configuration's type (inside a `TypedStruct` when wrapped) and, when it can be read,
-/// its value as JSON with the proto field names.
+/// The configuration's type (inside a `TypedStruct` when wrapped) and, for a `TypedStruct`
+/// or a Wasm filter, its value as JSON with the proto field names.
 fn inner(any: &Any) -> Option<(String, Option<serde_json::Value>)> {
     let name = type_name(any);
     if !TYPED_STRUCTS.contains(&name) {
-        let value = decode_dynamic(any).ok().and_then(|m| json(&m));
+        // Only a Wasm filter's configuration is looked into (translation runs on every
+        // update; an RBAC filter's policies need not be turned into JSON to be recognised).
+        let value = [HTTP_WASM_URL, NETWORK_WASM_URL]
+            .contains(&name)
+            .then(|| decode_dynamic(any).ok().and_then(|m| json(&m)))
+            .flatten();
         return Some((name.to_owned(), value));
     }
     let msg = decode_dynamic(any).ok()?;
