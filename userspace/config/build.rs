@@ -1,6 +1,7 @@
 //! Compiles the Envoy API's .proto files (shipped inside the `envoy-types` crate package) and
-//! the project's small additions (`proto/udpa`, `proto/xds`) into one descriptor set, which the
-//! crate embeds: it drives the canonical protobuf JSON mapping (typed `Any` with `@type`,
+//! the project's small additions (`proto/udpa`, `proto/xds`, and `proto/istio`: the types of
+//! Istio's own filters, so that files carrying them can be read) into one descriptor set,
+//! which the crate embeds: it drives the canonical protobuf JSON mapping (typed `Any` with `@type`,
 //! durations as "0.25s", wrappers) that Envoy's YAML and JSON files use.
 use std::path::PathBuf;
 
@@ -35,6 +36,9 @@ const ROOTS: &[&str] = &[
     "envoy/extensions/filters/network/wasm/v3/wasm.proto",
     "udpa/type/v1/typed_struct.proto",
     "xds/type/v3/typed_struct.proto",
+    "istio/stats/plugin_config.proto",
+    "istio/alpn/filter_config.proto",
+    "envoy/extensions/retry/host/previous_hosts/v3/previous_hosts.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -65,6 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     .collect();
     println!("cargo:rerun-if-changed={}", ours.join("udpa").display());
     println!("cargo:rerun-if-changed={}", ours.join("xds").display());
+    println!("cargo:rerun-if-changed={}", ours.join("istio").display());
     let mut fds = protox::compile(ROOTS, &includes)?;
     // Comments and source locations are half the set and nothing reads them; every proxy
     // would keep them in memory twice (decoded, and cloned by the pool's name index).

@@ -206,7 +206,9 @@ fn operator(op: &str) -> Result<LogField, String> {
         "BYTES_SENT" => LogField::BytesSent,
         "DURATION" => LogField::Duration,
         "UPSTREAM_HOST" | "UPSTREAM_REMOTE_ADDRESS" => LogField::UpstreamHost,
-        "UPSTREAM_CLUSTER" => LogField::UpstreamCluster,
+        // nodemesh ignores `alt_stat_name`, so the cluster's name is always the raw one
+        // (Istio's default format uses the RAW form).
+        "UPSTREAM_CLUSTER" | "UPSTREAM_CLUSTER_RAW" => LogField::UpstreamCluster,
         "ROUTE_NAME" => LogField::RouteName,
         "DOWNSTREAM_REMOTE_ADDRESS" => LogField::DownstreamRemote { port: true },
         "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => LogField::DownstreamRemote { port: false },

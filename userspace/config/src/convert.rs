@@ -39,10 +39,12 @@ use prost_reflect::{DynamicMessage, ReflectMessage as _};
 
 use crate::{
     ConfigError,
+    filters::istio,
     matcher::{HeaderMatcher, HeaderRule, IpRange, QueryMatcher, StringMatch, StringMatcher},
     model::*,
     pool,
     support::{self, Diagnostics},
+    tls,
 };
 
 /// Envoy resources as received, each as a message of its own type.
@@ -555,6 +557,35 @@ fn socket_address(addr: &core::Address) -> Result<SocketAddr, String> {
     }
 }
 
+/// A listener filter's `filter_disabled`: conditions on the destination port only (all
+/// that `ListenerFilterChainMatchPredicate` has).
+fn port_predicate(
+    p: &listener::ListenerFilterChainMatchPredicate,
+) -> Result<PortPredicate, String> {
+    use listener::listener_filter_chain_match_predicate::Rule;
+    let all = |set: &listener::listener_filter_chain_match_predicate::MatchSet| {
+        set.rules
+            .iter()
+            .map(port_predicate)
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(match &p.rule {
+        Some(Rule::AnyMatch(true)) => PortPredicate::Any,
+        Some(Rule::DestinationPortRange(r)) => {
+            let port = |v: i32| u32::try_from(v).map_err(|_| format!("port {v} is negative"));
+            PortPredicate::Range(port(r.start)?, port(r.end)?)
+        }
+        Some(Rule::NotMatch(inner)) => PortPredicate::Not(Box::new(port_predicate(inner)?)),
+        Some(Rule::OrMatch(set)) => PortPredicate::Or(all(set)?),
+        Some(Rule::AndMatch(set)) => PortPredicate::And(all(set)?),
+        Some(Rule::AnyMatch(false)) | None => {
+            return Err(
+                "a rule is required (any_match, destination_port_range, or/and/not)".into(),
+            );
+        }
+    })
+}
+
 pub(crate) fn string_matcher(m: &matcher_pb::StringMatcher) -> Result<StringMatcher, String> {
     use matcher_pb::string_matcher::MatchPattern;
     let kind = match &m.match_pattern {
@@ -748,7 +779,9 @@ impl Cx {
             bind: l.bind_to_port.as_ref().is_none_or(|b| b.value),
             use_original_dst: l.use_original_dst.as_ref().is_some_and(|b| b.value),
             http_inspector: false,
+            http_inspector_disabled: None,
             tls_inspector: false,
+            tls_inspector_disabled: None,
             // Envoy's default listener_filters_timeout.
             inspection_timeout: dur(l.listener_filters_timeout.as_ref())
                 .unwrap_or(Duration::from_secs(15)),
@@ -771,15 +804,33 @@ impl Cx {
                 self.diags.error(format!("{fat}: typed_config is required"));
                 continue;
             };
+            let disabled = match &f.filter_disabled {
+                None => None,
+                Some(p) => match port_predicate(p) {
+                    Ok(p) => Some(p),
+                    Err(e) => {
+                        self.diags.error(format!("{fat}.filter_disabled: {e}"));
+                        continue;
+                    }
+                },
+            };
             match type_name(any) {
+                // It restores the original destination, which nodemesh always has from the
+                // kernel; unlike `use_original_dst` it hands nothing to another listener.
                 "envoy.extensions.filters.listener.original_dst.v3.OriginalDst" => {
-                    out.use_original_dst = true
+                    if disabled.is_some() {
+                        self.diags.error(format!(
+                            "{fat}.filter_disabled: not supported for original_dst"
+                        ));
+                    }
                 }
                 "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector" => {
-                    out.http_inspector = true
+                    out.http_inspector = true;
+                    out.http_inspector_disabled = disabled;
                 }
                 "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector" => {
-                    out.tls_inspector = true
+                    out.tls_inspector = true;
+                    out.tls_inspector_disabled = disabled;
                 }
                 other => {
                     self.diags.error(format!(
@@ -862,7 +913,11 @@ impl Cx {
             let pat = format!("{at}.filters {:?}", f.name);
             match &f.config_type {
                 Some(listener::filter::ConfigType::TypedConfig(any)) => {
-                    if let Some(p) = crate::filters::network_filter(any, &pat, &mut self.diags) {
+                    if let Some(reason) = istio::ignored(any, istio::Place::Network) {
+                        istio::warn("network", &f.name, any, reason, &mut self.diags);
+                    } else if let Some(p) =
+                        crate::filters::network_filter(any, &pat, &mut self.diags)
+                    {
                         policies.push(p);
                     }
                 }
@@ -890,6 +945,11 @@ impl Cx {
                 return None;
             }
         };
+        if let Some(socket) = &c.transport_socket
+            && let Some(deny) = tls::downstream(socket, at, &mut self.diags)
+        {
+            policies.insert(0, deny);
+        }
         Some(FilterChain {
             name: c.name.clone(),
             matcher,
@@ -973,6 +1033,10 @@ impl Cx {
                     self.diags
                         .error(format!("{fat}: the router must be the last HTTP filter"));
                 }
+            } else if let Some(reason) = istio::ignored(any, istio::Place::Http) {
+                istio::warn("HTTP", &f.name, any, reason, &mut self.diags);
+            } else if istio::inert_http(any, &fat, &mut self.diags) {
+                // istiod's empty fault and CORS filters: nothing to run.
             } else if crate::filters::is_http_policy(any) {
                 if let Some(config) = crate::filters::http_filter(any, &fat, &mut self.diags) {
                     filters.push(HttpFilter {
@@ -985,12 +1049,12 @@ impl Cx {
                 self.diags.warn(format!(
                     "optional HTTP filter {:?} ({}) is skipped: not supported",
                     f.name,
-                    type_name(any)
+                    istio::describe(any)
                 ));
             } else {
                 self.diags.error(format!(
                     "{fat}: HTTP filter type {} is not supported",
-                    type_name(any)
+                    istio::describe(any)
                 ));
             }
         }
@@ -1426,9 +1490,11 @@ impl Cx {
                 dur(a.grpc_timeout_offset.as_ref()),
             ),
         };
+        // istiod sets 0s ("no limit", nodemesh's behaviour) on every inbound route.
         if a.max_stream_duration
             .as_ref()
-            .is_some_and(|m| m.max_stream_duration.is_some())
+            .and_then(|m| dur(m.max_stream_duration.as_ref()))
+            .is_some_and(|d| !d.is_zero())
         {
             self.diags.error(format!(
                 "{at}.max_stream_duration.max_stream_duration: not supported"
@@ -1541,6 +1607,23 @@ impl Cx {
 
     fn cluster(&mut self, c: &cluster::Cluster, at: &str) -> Option<Cluster> {
         use cluster::cluster::{ClusterDiscoveryType, DiscoveryType, LbConfig, LbPolicy as Lb};
+        tls::upstream(c, at, &mut self.diags);
+        for (i, f) in c.filters.iter().enumerate() {
+            let fat = format!("{at}.filters[{i}] {:?}", f.name);
+            match f.typed_config.as_ref() {
+                Some(any) => match istio::ignored(any, istio::Place::Cluster) {
+                    Some(reason) => istio::warn("cluster", &f.name, any, reason, &mut self.diags),
+                    None => self.diags.error(format!(
+                        "{fat}: upstream network filter type {} is not supported",
+                        type_name(any)
+                    )),
+                },
+                None => self.diags.error(format!("{fat}: typed_config is required")),
+            }
+        }
+        if let Some(bind) = &c.upstream_bind_config {
+            self.upstream_bind(c, bind, at);
+        }
         let kind = match &c.cluster_discovery_type {
             Some(ClusterDiscoveryType::Type(t)) => {
                 DiscoveryType::try_from(*t).unwrap_or(DiscoveryType::Static)
@@ -1834,6 +1917,39 @@ impl Cx {
     }
 }
 
+impl Cx {
+    /// `upstream_bind_config`: istiod binds the upstream connections of its inbound
+    /// passthrough clusters to 127.0.0.6 (::6 for IPv6) so that its iptables rules do not capture
+    /// them again. nodemesh's capture recognises its own sockets by `SO_MARK`, so that
+    /// binding has no purpose here and is not done (a warning says so). Any other source
+    /// address is what the upstream sees, and is refused.
+    fn upstream_bind(&mut self, c: &cluster::Cluster, bind: &core::BindConfig, at: &str) {
+        let source = bind.source_address.as_ref().and_then(|a| {
+            let ip: IpAddr = a.address.parse().ok()?;
+            let port = match a.port_specifier {
+                Some(core::socket_address::PortSpecifier::PortValue(p)) => p,
+                None => 0,
+                Some(_) => return None,
+            };
+            Some((ip, port))
+        });
+        let istio_guard =
+            |ip: IpAddr| ip.is_loopback() || ip == IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 6]);
+        match source {
+            Some((ip, 0)) if istio_guard(ip) => self.diags.warn(format!(
+                "cluster {:?}: upstream_bind_config source {ip} (Istio's guard against \
+                 re-capturing its own connections) is not bound: nodemesh's capture skips its \
+                 own sockets by SO_MARK, and the upstream sees the usual source address",
+                c.name
+            )),
+            _ => self.diags.error(format!(
+                "{at}.upstream_bind_config: only a loopback (or ::6) source address with \
+                 port 0 (Istio's inbound passthrough binding) is accepted"
+            )),
+        }
+    }
+}
+
 fn http2_settings(h: &core::Http2ProtocolOptions) -> Http2Settings {
     let d = Http2Settings::default();
     Http2Settings {
@@ -1958,22 +2074,25 @@ static_resources:
 
     #[test]
     fn unsupported_input_is_an_error_naming_where() {
-        let unknown_field = GOOD.replace("lb_policy: LEAST_REQUEST", "lb_policy: LEAST_REQUEST\n    upstream_bind_config: { source_address: { address: 1.2.3.4, port_value: 0 } }");
+        let unknown_field = GOOD.replace(
+            "lb_policy: LEAST_REQUEST",
+            "lb_policy: LEAST_REQUEST\n    lrs_server: { ads: {} }",
+        );
         assert!(
             errors(&unknown_field)
                 .iter()
-                .any(|e| e.contains("clusters[web].upstream_bind_config")),
+                .any(|e| e.contains("clusters[web].lrs_server")),
             "{:?}",
             errors(&unknown_field)
         );
         let unknown_filter = GOOD.replace(
             "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
-            "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+            "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
         );
         let e = errors(&unknown_filter);
         assert!(
             e.iter()
-                .any(|e| e.contains("http_filters[0]") && e.contains("HTTPFault")),
+                .any(|e| e.contains("http_filters[0]") && e.contains("wasm.v3.Wasm")),
             "{e:?}"
         );
         assert!(e.iter().any(|e| e.contains("router is required")), "{e:?}");

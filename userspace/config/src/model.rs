@@ -36,16 +36,61 @@ pub struct Listener {
     /// False for listeners that only receive connections handed over by another listener
     /// (Istio's `virtualInbound` style, `bind_to_port: false`).
     pub bind: bool,
-    /// `use_original_dst` or the `original_dst` listener filter: hand the connection to the
-    /// listener matching its original destination, if one exists.
+    /// `use_original_dst`: hand the connection to the listener matching its original
+    /// destination, if one exists. (The `original_dst` listener filter does not: it only
+    /// restores the original destination, which nodemesh always knows from the kernel.)
     pub use_original_dst: bool,
     /// `http_inspector`: detect HTTP/1.x and h2c and set the application protocol.
     pub http_inspector: bool,
+    /// The inspector's `filter_disabled`: destination ports it does not run on (Istio turns
+    /// inspection off where the protocol is known, e.g. for server-first protocols).
+    pub http_inspector_disabled: Option<PortPredicate>,
     /// `tls_inspector`: detect TLS and read SNI and ALPN.
     pub tls_inspector: bool,
+    pub tls_inspector_disabled: Option<PortPredicate>,
     pub inspection_timeout: Duration,
     pub filter_chains: Vec<FilterChain>,
     pub default_chain: Option<FilterChain>,
+}
+
+impl Listener {
+    /// The inspectors that run on a connection to `port` (its original destination port).
+    pub fn inspectors_for(&self, port: u16) -> (bool, bool) {
+        let on = |enabled: bool, disabled: &Option<PortPredicate>| {
+            enabled && !disabled.as_ref().is_some_and(|p| p.matches(port))
+        };
+        (
+            on(self.http_inspector, &self.http_inspector_disabled),
+            on(self.tls_inspector, &self.tls_inspector_disabled),
+        )
+    }
+}
+
+/// `ListenerFilterChainMatchPredicate`: a condition on the connection's destination port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortPredicate {
+    Any,
+    /// Half-open `[start, end)`, as Envoy's `Int32Range`.
+    Range(u32, u32),
+    Not(Box<PortPredicate>),
+    Or(Vec<PortPredicate>),
+    And(Vec<PortPredicate>),
+}
+
+impl PortPredicate {
+    pub fn matches(&self, port: u16) -> bool {
+        self.holds(u32::from(port))
+    }
+
+    fn holds(&self, port: u32) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Range(start, end) => (*start..*end).contains(&port),
+            Self::Not(p) => !p.holds(port),
+            Self::Or(ps) => ps.iter().any(|p| p.holds(port)),
+            Self::And(ps) => ps.iter().all(|p| p.holds(port)),
+        }
+    }
 }
 
 /// A filter chain and what selects it.

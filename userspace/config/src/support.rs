@@ -330,7 +330,8 @@ static TABLE: &[(&[&str], Rules)] = &[
     (
         &["envoy.config.listener.v3.FilterChain"],
         Fields {
-            supported: &["filter_chain_match", "filters", "name"],
+            // A TLS `transport_socket` closes the chain's connections (see `crate::tls`).
+            supported: &["filter_chain_match", "filters", "name", "transport_socket"],
             ignored: &[
                 ("metadata", NO_EFFECT_ON_TRAFFIC),
                 ("transport_socket_connect_timeout", "no TLS termination"),
@@ -363,7 +364,75 @@ static TABLE: &[(&[&str], Rules)] = &[
     (
         &["envoy.config.listener.v3.ListenerFilter"],
         Fields {
+            supported: &["name", "typed_config", "filter_disabled"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.config.listener.v3.ListenerFilterChainMatchPredicate"],
+        Fields {
+            supported: &[
+                "or_match",
+                "and_match",
+                "not_match",
+                "any_match",
+                "destination_port_range",
+            ],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.config.listener.v3.ListenerFilterChainMatchPredicate.MatchSet"],
+        Fields {
+            supported: &["rules"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.config.core.v3.TransportSocket"],
+        Fields {
+            // The socket's own configuration is judged whole by `crate::tls`.
             supported: &["name", "typed_config"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.config.cluster.v3.Cluster.TransportSocketMatch"],
+        Fields {
+            supported: &["name", "match", "transport_socket"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.config.cluster.v3.Filter"],
+        Fields {
+            supported: &["name", "typed_config"],
+            ignored: &[],
+        },
+    ),
+    (
+        &["envoy.config.core.v3.BindConfig"],
+        Fields {
+            supported: &["source_address"],
+            ignored: &[],
+        },
+    ),
+    (
+        // istiod's fault filter is empty (faults come per route, and are refused there).
+        &["envoy.extensions.filters.http.fault.v3.HTTPFault"],
+        Fields {
+            supported: &[],
+            ignored: &[
+                ("max_active_faults", "no faults are injected"),
+                ("disable_downstream_cluster_stats", NO_EFFECT_ON_TRAFFIC),
+                ("filter_metadata", NO_EFFECT_ON_TRAFFIC),
+            ],
+        },
+    ),
+    (
+        &["envoy.extensions.filters.http.cors.v3.Cors"],
+        Fields {
+            supported: &[],
             ignored: &[],
         },
     ),
@@ -1186,6 +1255,12 @@ static TABLE: &[(&[&str], Rules)] = &[
                 "original_dst_lb_config",
                 "max_requests_per_connection",
                 "common_http_protocol_options",
+                // Decided in `crate::tls` and the translation (Istio's shapes are accepted
+                // with warnings, anything else that changes the connection is refused).
+                "transport_socket",
+                "transport_socket_matches",
+                "filters",
+                "upstream_bind_config",
             ],
             ignored: &[
                 ("alt_stat_name", NO_EFFECT_ON_TRAFFIC),
@@ -1320,7 +1395,10 @@ static TABLE: &[(&[&str], Rules)] = &[
         &["envoy.config.endpoint.v3.LbEndpoint"],
         Fields {
             supported: &["endpoint", "health_status", "load_balancing_weight"],
-            ignored: &[("metadata", NO_EFFECT_ON_TRAFFIC)],
+            ignored: &[(
+                "metadata",
+                "it selects subsets and transport sockets, and nodemesh has neither (transport_socket_matches warn or fail on their own)",
+            )],
         },
     ),
     (

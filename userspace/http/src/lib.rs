@@ -422,9 +422,10 @@ impl Engine {
             debug!(from = %listener.name, to = %target.name, "handed over by original destination");
             listener = target.clone();
         }
+        let (http, tls) = listener.inspectors_for(accepted.destination.port());
         let inspectors = detect::Inspectors {
-            http: listener.http_inspector,
-            tls: listener.tls_inspector,
+            http,
+            tls,
             timeout: listener.inspection_timeout,
         };
         let mut stream = stream;

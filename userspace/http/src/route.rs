@@ -59,11 +59,13 @@ pub fn virtual_host<'a>(config: &'a RouteConfig, host: &str) -> Option<&'a Virtu
     } else {
         Cow::Borrowed(host)
     };
-    let by_host = config.best_domain(&host);
-    if by_host.is_some() || !config.ignore_port_in_host_matching {
-        return by_host;
+    // As Envoy: with `ignore_port_in_host_matching` the port is removed before any domain
+    // is compared, so `reviews:8080` takes the `reviews` host even when a `*` host exists
+    // (istiod's outbound route configurations are exactly that shape).
+    if config.ignore_port_in_host_matching {
+        return config.best_domain(strip_port(&host));
     }
-    config.best_domain(strip_port(&host))
+    config.best_domain(&host)
 }
 
 /// `host` without a trailing `:port` (IPv6 literals keep their brackets).
@@ -300,6 +302,30 @@ mod tests {
         assert_eq!(
             host_of(&without_catch_alls(true), "www.example.com:80").as_deref(),
             Some("exact")
+        );
+        // Ignoring ports, the port goes before matching: a catch-all does not win over the
+        // host's own domain (istiod's `allow_any`), and a domain with a port never matches.
+        let with_catch_all = RouteConfig::new(
+            "rc".into(),
+            vec![
+                vhost("any", vec![DomainMatch::Any], vec![]),
+                vhost("exact", vec![DomainMatch::Exact("reviews".into())], vec![]),
+                vhost(
+                    "ported",
+                    vec![DomainMatch::Exact("ratings:9080".into())],
+                    vec![],
+                ),
+            ],
+            HeaderMutations::default(),
+            true,
+        );
+        assert_eq!(
+            host_of(&with_catch_all, "reviews:8080").as_deref(),
+            Some("exact")
+        );
+        assert_eq!(
+            host_of(&with_catch_all, "ratings:9080").as_deref(),
+            Some("any")
         );
     }
 

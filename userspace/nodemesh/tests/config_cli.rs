@@ -72,7 +72,7 @@ fn config_check_accepts_a_good_file_and_names_what_is_unsupported() {
 
     let bad = write(&bootstrap(
         10000,
-        "    dns_failure_refresh_rate: { base_interval: 1s }\n    upstream_bind_config: {}\n",
+        "    dns_failure_refresh_rate: { base_interval: 1s }\n    lrs_server: { ads: {} }\n",
     ));
     let out = Command::new(BIN)
         .args(["config", "check"])
@@ -81,7 +81,12 @@ fn config_check_accepts_a_good_file_and_names_what_is_unsupported() {
         .expect("run");
     assert!(!out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("error: bootstrap.static_resources.clusters[backend].upstream_bind_config: not supported"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "error: bootstrap.static_resources.clusters[backend].lrs_server: not supported"
+        ),
+        "{stdout}"
+    );
     assert!(
         stdout.contains(
             "warning: envoy.config.cluster.v3.Cluster.dns_failure_refresh_rate is ignored"

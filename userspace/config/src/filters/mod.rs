@@ -2,6 +2,8 @@
 //! limits and nodemesh's global quota, read into the model here like every other resource
 //! (field-by-field support check, Envoy's defaults written out, errors naming the field).
 //! `nodemesh-policy` compiles what this module produces into its evaluation form.
+//! [`istio`] lists the filters istiod adds that nodemesh knowingly does not run.
+pub mod istio;
 pub mod quota;
 pub mod ratelimit;
 pub mod rbac;
@@ -171,6 +173,18 @@ pub fn per_route(any: &Any, at: &str, diags: &mut Diagnostics) -> Option<PerRout
                 value, at, diags,
             )?))
         }
+        istio::FAULT_PER_ROUTE_URL => {
+            diags.error(format!(
+                "{at}: fault injection (a VirtualService `fault`) is not implemented by nodemesh"
+            ));
+            None
+        }
+        istio::CORS_POLICY_URL => {
+            diags.error(format!(
+                "{at}: CORS policies (a VirtualService `corsPolicy`) are not implemented by nodemesh"
+            ));
+            None
+        }
         other => {
             diags.error(format!(
                 "{at}: per-route configuration of type {other} is not supported"
@@ -187,9 +201,10 @@ pub fn network_filter(any: &Any, at: &str, diags: &mut Diagnostics) -> Option<Ne
             let c: net_rbac_pb::Rbac = decode(any, at, diags)?;
             Some(NetworkPolicy::Rbac(Arc::new(rbac::network(&c, at, diags)?)))
         }
-        other => {
+        _ => {
             diags.error(format!(
-                "{at}: network filter type {other} is not supported"
+                "{at}: network filter type {} is not supported",
+                istio::describe(any)
             ));
             None
         }
