@@ -764,3 +764,97 @@ async fn an_assignment_that_never_comes_stops_warming_after_the_fetch_timeout() 
     assert_eq!(endpoint_port(&s, "web"), None);
     assert!(f.client.status().warming.is_empty());
 }
+/// A listener with an Istio-style mTLS filter chain names its certificate and CA by SDS:
+/// the client subscribes to both, holds them (they are never dumped), and lets go of them
+/// when the chain goes.
+#[tokio::test]
+async fn secrets_named_by_tls_chains_are_subscribed_and_released() {
+    for delta in [false, true] {
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let write = |tls: bool| {
+            let chain = if tls {
+                r#"  - filter_chain_match: { transport_protocol: tls }
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+        require_client_certificate: true
+        common_tls_context:
+          tls_certificate_sds_secret_configs: [{ name: default, sds_config: { ads: {}, resource_api_version: V3 } }]
+          combined_validation_context:
+            default_validation_context: {}
+            validation_context_sds_secret_config: { name: ROOTCA, sds_config: { ads: {}, resource_api_version: V3 } }
+    filters:
+    - name: envoy.filters.network.tcp_proxy
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+        stat_prefix: mtls
+        cluster: web
+"#
+            } else {
+                ""
+            };
+            let text = format!(
+                r#"resources:
+- "@type": type.googleapis.com/envoy.config.cluster.v3.Cluster
+  name: web
+  type: STATIC
+  load_assignment:
+    cluster_name: web
+    endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 198.18.7.1, port_value: 80 }} }} }} }}] }}]
+- "@type": type.googleapis.com/envoy.config.listener.v3.Listener
+  name: inbound
+  address: {{ socket_address: {{ address: 198.18.7.2, port_value: 15006 }} }}
+  listener_filters:
+  - name: envoy.filters.listener.tls_inspector
+    typed_config: {{ "@type": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector }}
+  filter_chains:
+{chain}  - filters:
+    - name: envoy.filters.network.tcp_proxy
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+        stat_prefix: plain
+        cluster: web
+- "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret
+  name: default
+  tls_certificate:
+    certificate_chain: {{ inline_string: "-----BEGIN CERTIFICATE-----\nnot-a-real-cert\n-----END CERTIFICATE-----\n" }}
+    private_key: {{ inline_string: "very-secret-private-key" }}
+- "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret
+  name: ROOTCA
+  validation_context:
+    trusted_ca: {{ inline_string: "-----BEGIN CERTIFICATE-----\nnot-a-real-ca\n-----END CERTIFICATE-----\n" }}
+"#
+            );
+            let tmp = dir.path().join(".r.tmp");
+            std::fs::write(&tmp, text).expect("write");
+            std::fs::rename(&tmp, dir.path().join("r.yaml")).expect("rename");
+        };
+        write(true);
+        let cp = Cp::start(dir.path(), true, 0);
+        let mut f = follow(config(cp.addr, delta));
+        f.until("the listener", |s| s.listener("inbound").is_some())
+            .await;
+        f.until_status("both secrets held", |st| {
+            st.types.get("sds").is_some_and(|t| {
+                t.resources == 2 && t.subscribed == ["ROOTCA".to_owned(), "default".to_owned()]
+            })
+        })
+        .await;
+        assert_eq!(f.client.status().types["sds"].nacks, 0);
+        let dump = f.client.config_dump().to_string();
+        assert!(
+            !dump.contains("very-secret-private-key"),
+            "a secret was dumped: {dump}"
+        );
+
+        // The TLS chain goes: so do the subscriptions and the secrets.
+        write(false);
+        f.until_status("the secrets released", |st| {
+            st.types
+                .get("sds")
+                .is_some_and(|t| t.resources == 0 && t.subscribed.is_empty())
+        })
+        .await;
+    }
+}
