@@ -231,8 +231,10 @@ pub fn envoy_path() -> anyhow::Result<PathBuf> {
     )
 }
 
-/// A proxy process, killed when dropped.
-struct Running {
+/// A process the tests started (a proxy, a control plane), killed when dropped; its
+/// stdout and stderr go to `log`.
+#[derive(Debug)]
+pub struct Running {
     child: Child,
     log: PathBuf,
 }
@@ -245,24 +247,47 @@ impl Drop for Running {
 }
 
 impl Running {
-    fn log_text(&self) -> String {
+    /// Starts `cmd` with its output in `log`.
+    pub fn spawn(mut cmd: Command, log: &Path) -> anyhow::Result<Self> {
+        let out =
+            std::fs::File::create(log).with_context(|| format!("create {}", log.display()))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("start {:?}", cmd.get_program()))?;
+        Ok(Self {
+            child,
+            log: log.to_owned(),
+        })
+    }
+
+    pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Fails if the process has exited, with its log.
+    pub fn check_alive(&mut self, what: impl std::fmt::Display) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{what} exited with {status}:\n{}", self.log_text());
+        }
+        Ok(())
     }
 }
 
 /// Distinct free loopback ports: all are held until all are chosen, then released for the
 /// proxy to bind (a small race with other processes remains; [`run`] retries once).
-fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
     let held: Vec<std::net::TcpListener> = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<_, _>>()?;
     held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
-fn start_proxy(proxy: Proxy, config: &Path, work: &Path) -> anyhow::Result<Running> {
-    let log = work.join(format!("{proxy}.log"));
-    let out = std::fs::File::create(&log)?;
-    let mut cmd = match proxy {
+/// Starts `proxy` on the bootstrap `config`, its output in `log`.
+pub fn start_proxy(proxy: Proxy, config: &Path, log: &Path) -> anyhow::Result<Running> {
+    let cmd = match proxy {
         Proxy::Envoy => {
             let mut c = Command::new(envoy_path()?);
             c.arg("-c").arg(config).args([
@@ -280,26 +305,18 @@ fn start_proxy(proxy: Proxy, config: &Path, work: &Path) -> anyhow::Result<Runni
             c
         }
     };
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .with_context(|| format!("start {proxy}"))?;
-    Ok(Running { child, log })
+    Running::spawn(cmd, log).with_context(|| format!("start {proxy}"))
 }
 
 /// Waits until `addr` accepts connections or the process exits.
-async fn wait_listening(
-    proxy: Proxy,
+pub async fn wait_listening(
+    proxy: impl std::fmt::Display,
     running: &mut Running,
     addr: SocketAddr,
 ) -> anyhow::Result<()> {
     let until = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(status) = running.child.try_wait()? {
-            bail!("{proxy} exited with {status}:\n{}", running.log_text());
-        }
+        running.check_alive(&proxy)?;
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             return Ok(());
         }
@@ -341,7 +358,7 @@ async fn run_once(case: &Case, proxy: Proxy, work: &Path) -> anyhow::Result<Vec<
     }
     let config = work.join(format!("{proxy}.yaml"));
     std::fs::write(&config, case.render(&ports, &upstreams))?;
-    let mut running = start_proxy(proxy, &config, work)?;
+    let mut running = start_proxy(proxy, &config, &work.join(format!("{proxy}.log")))?;
     for port in ports.values() {
         let addr = SocketAddr::from(([127, 0, 0, 1], *port));
         wait_listening(proxy, &mut running, addr).await?;
@@ -365,7 +382,9 @@ async fn run_once(case: &Case, proxy: Proxy, work: &Path) -> anyhow::Result<Vec<
     Ok(seen)
 }
 
-async fn send(
+/// Sends one request to `addr` (a new connection) and reduces what came back to what
+/// `compare` names.
+pub async fn send(
     addr: SocketAddr,
     req: &CaseRequest,
     compare: &Compare,

@@ -1,4 +1,4 @@
-//! HTTP/1 over the agent's admin unix socket.
+//! HTTP/1 to admin ports: the agent's unix socket, or a TCP admin port.
 use std::path::Path;
 
 use anyhow::{Context as _, bail};
@@ -30,4 +30,21 @@ pub async fn unix_request(
         bail!("{path}: {status}: {body}");
     }
     Ok(body)
+}
+
+/// `GET path` on an admin port over TCP (Envoy's, `nodemesh proxy`'s, the control
+/// plane's): the status and body, whatever the status.
+pub async fn tcp_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connect {addr}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, "admin")
+        .body(Empty::<Bytes>::new())?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let body = String::from_utf8_lossy(&resp.into_body().collect().await?.to_bytes()).into_owned();
+    Ok((status, body))
 }

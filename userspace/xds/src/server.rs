@@ -11,8 +11,10 @@
 //!   a resuming client is not sent what it holds.
 //! - State of the world: CDS and LDS are wildcard; EDS, RDS and SDS answer the names asked
 //!   for. A type is sent when a client first asks for it (unless it resumes with the
-//!   current version) and whenever its version changes; a NACK is logged and not answered
-//!   until the next change, so a client that rejects something is not sent it in a loop.
+//!   current version), whenever its version changes, and when the client asks again with
+//!   a nonce it has already answered (Envoy re-requesting the endpoints of a modified,
+//!   warming cluster); a NACK is logged and not answered until the next change, so a
+//!   client that rejects something is not sent it in a loop.
 //! - Incremental: per stream and type, the names and versions the client holds (from
 //!   `initial_resource_versions` and what was sent); each change sends only what differs
 //!   and names what was removed.
@@ -82,6 +84,9 @@ pub struct ServerConfig {
 pub struct ServerStatus {
     pub dir: String,
     pub version: String,
+    /// The version of each type being served (`cds`, `eds`, ...): what a state-of-the-world
+    /// client's `acked` reaches once it holds everything.
+    pub versions: BTreeMap<&'static str, String>,
     /// Unix seconds of the last successful load.
     pub loaded_at: Option<u64>,
     pub reloads: u64,
@@ -306,6 +311,10 @@ fn now() -> u64 {
 fn record_loaded(shared: &Shared, loaded: &Loaded) {
     shared.set(|s| {
         s.version = loaded.version.clone();
+        s.versions = ResourceType::ALL
+            .into_iter()
+            .map(|ty| (ty.short(), loaded.type_version(ty).to_owned()))
+            .collect();
         s.loaded_at = Some(now());
         s.reloads += 1;
         s.last_error = None;
@@ -497,6 +506,8 @@ struct SotwWatch {
     names: Option<BTreeSet<String>>,
     sent: Option<String>,
     nonce: String,
+    /// Whether the client has answered `nonce` (ACK or NACK) already.
+    answered: bool,
 }
 
 struct SotwStream {
@@ -554,19 +565,30 @@ impl SotwStream {
         };
         let first = !self.watches.contains_key(&ty);
         let w = self.watches.entry(ty).or_default();
+        // A second request with a nonce the client has answered already asks again for
+        // what it holds: Envoy does this for EDS when a modified cluster warms (it waits for
+        // a ClusterLoadAssignment even when the endpoints did not change, see "Resource
+        // warming" in the xDS protocol), with the same names, version and nonce as its ACK.
+        let mut asked_again = false;
         if !req.response_nonce.is_empty() {
             if req.response_nonce != w.nonce {
                 debug!(stream = self.id, r#type = %ty, nonce = %req.response_nonce, "stale nonce; ignored");
                 return Ok(());
             }
-            acknowledge(
-                shared,
-                self.id,
-                ty,
-                &req.version_info,
-                &req.response_nonce,
-                req.error_detail.as_ref().map(|e| e.message.as_str()),
-            );
+            if w.answered {
+                asked_again = true;
+                debug!(stream = self.id, r#type = %ty, nonce = %req.response_nonce, "asked again with an answered nonce");
+            } else {
+                w.answered = true;
+                acknowledge(
+                    shared,
+                    self.id,
+                    ty,
+                    &req.version_info,
+                    &req.response_nonce,
+                    req.error_detail.as_ref().map(|e| e.message.as_str()),
+                );
+            }
         }
         let names = if ty.is_wildcard()
             && (req.resource_names.is_empty() || req.resource_names.iter().any(|n| n == "*"))
@@ -581,7 +603,7 @@ impl SotwStream {
             // A client resuming with the version being served holds it already.
             req.version_info.is_empty() || req.version_info != current.type_version(ty)
         } else {
-            names_changed && req.error_detail.is_none()
+            (names_changed || asked_again) && req.error_detail.is_none()
         };
         if first && !due {
             w.sent = Some(req.version_info.clone());
@@ -604,6 +626,7 @@ impl SotwStream {
             .collect();
         self.nonce += 1;
         w.nonce = self.nonce.to_string();
+        w.answered = false;
         let version = current.type_version(ty).to_owned();
         w.sent = Some(version.clone());
         let resp = DiscoveryResponse {
@@ -619,6 +642,26 @@ impl SotwStream {
         sent(&self.cp.shared, self.id, ty, &version);
         self.tx.send(Ok(resp)).await.map_err(|_| ())
     }
+}
+
+/// The ClusterLoadAssignment name an EDS cluster takes its endpoints from.
+fn eds_name(any: &envoy_types::pb::google::protobuf::Any) -> Option<String> {
+    use envoy_types::pb::envoy::config::cluster::v3::{
+        Cluster,
+        cluster::{ClusterDiscoveryType, DiscoveryType},
+    };
+    use prost::Message as _;
+    let cluster = Cluster::decode(any.value.as_slice()).ok()?;
+    let eds = cluster.eds_cluster_config?;
+    let is_eds = matches!(cluster.cluster_discovery_type, Some(ClusterDiscoveryType::Type(t)) if t == DiscoveryType::Eds as i32);
+    if !is_eds {
+        return None;
+    }
+    Some(if eds.service_name.is_empty() {
+        cluster.name
+    } else {
+        eds.service_name
+    })
 }
 
 fn sent(shared: &Shared, id: u64, ty: ResourceType, version: &str) {
@@ -638,6 +681,8 @@ struct DeltaWatch {
     /// What the client holds: name → version.
     known: HashMap<String, String>,
     nonce: String,
+    /// The `system_version_info` sent with `nonce`: what an ACK of it acknowledges.
+    nonce_version: String,
 }
 
 struct DeltaStream {
@@ -705,7 +750,7 @@ impl DeltaStream {
                     shared,
                     self.id,
                     ty,
-                    &current.version,
+                    &w.nonce_version,
                     &req.response_nonce,
                     req.error_detail.as_ref().map(|e| e.message.as_str()),
                 );
@@ -737,12 +782,16 @@ impl DeltaStream {
             return Ok(());
         };
         let mut resources = Vec::new();
+        let mut rebuilt = Vec::new();
         for r in current.set.of(ty) {
             if !(w.wildcard || w.names.contains(&r.name)) {
                 continue;
             }
             if w.known.get(&r.name) == Some(&r.version) {
                 continue;
+            }
+            if ty == ResourceType::Cluster && w.known.contains_key(&r.name) {
+                rebuilt.extend(eds_name(&r.any));
             }
             w.known.insert(r.name.clone(), r.version.clone());
             resources.push(WireResource {
@@ -761,11 +810,24 @@ impl DeltaStream {
         for n in &removed {
             w.known.remove(n);
         }
+        // A client rebuilds a modified EDS cluster and keeps it warming until it receives
+        // its ClusterLoadAssignment again ("Resource warming" in the xDS protocol), and a
+        // delta client has no way to ask for what it is subscribed to already: send the
+        // endpoints of every modified cluster again, right after the clusters (PUSH_ORDER).
+        if let Some(eds) = self.watches.get_mut(&ResourceType::Endpoints) {
+            for name in &rebuilt {
+                eds.known.remove(name);
+            }
+        }
         if resources.is_empty() && removed.is_empty() {
             return Ok(());
         }
+        let Some(w) = self.watches.get_mut(&ty) else {
+            return Ok(());
+        };
         self.nonce += 1;
         w.nonce = self.nonce.to_string();
+        w.nonce_version.clone_from(&current.version);
         sent(&self.cp.shared, self.id, ty, &current.version);
         let resp = DeltaDiscoveryResponse {
             system_version_info: current.version.clone(),
