@@ -238,8 +238,6 @@ impl Fnv {
 }
 
 #[cfg(test)]
-// A unit test fails by panicking; the lint is for input from outside.
-#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

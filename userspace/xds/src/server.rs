@@ -570,7 +570,9 @@ impl SotwStream {
         // a ClusterLoadAssignment even when the endpoints did not change, see "Resource
         // warming" in the xDS protocol), with the same names, version and nonce as its ACK.
         let mut asked_again = false;
-        if !req.response_nonce.is_empty() {
+        // Nonces belong to a stream: one from an earlier stream on a first request is
+        // treated as no nonce (the request is this stream's initial one).
+        if !first && !req.response_nonce.is_empty() {
             if req.response_nonce != w.nonce {
                 debug!(stream = self.id, r#type = %ty, nonce = %req.response_nonce, "stale nonce; ignored");
                 return Ok(());

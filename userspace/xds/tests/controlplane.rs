@@ -858,3 +858,42 @@ async fn secrets_named_by_tls_chains_are_subscribed_and_released() {
         .await;
     }
 }
+
+/// Nonces belong to a stream: a client whose first request on a new stream carries a nonce
+/// of an earlier one is answered as a new subscriber, not ignored as stale.
+#[tokio::test]
+async fn a_first_request_with_an_old_streams_nonce_is_answered() {
+    use envoy_types::pb::envoy::service::discovery::v3::{
+        DiscoveryRequest, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+    };
+    let dir = tempfile::tempdir().expect("temporary folder");
+    Folder {
+        clusters: &[("web", 1001)],
+        route_to: "web",
+        tcp_to: None,
+        padding: 0,
+        bad_regex: false,
+    }
+    .write(dir.path());
+    let cp = Cp::start(dir.path(), true, 0);
+    let mut grpc = AggregatedDiscoveryServiceClient::connect(format!("http://{}", cp.addr))
+        .await
+        .expect("connect");
+    let first = DiscoveryRequest {
+        type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+        response_nonce: "42".into(),
+        version_info: "from-an-earlier-stream".into(),
+        ..Default::default()
+    };
+    let mut responses = grpc
+        .stream_aggregated_resources(tokio_stream::iter([first]))
+        .await
+        .expect("stream")
+        .into_inner();
+    let resp = tokio::time::timeout(WAIT, responses.message())
+        .await
+        .expect("answered in time")
+        .expect("no stream error")
+        .expect("a response");
+    assert_eq!(resp.resources.len(), 1);
+}
