@@ -170,6 +170,8 @@ async fn agent(cfg: AgentConfig, data: Handle) -> anyhow::Result<()> {
     let l7 = match &l7_config {
         Some(l7) => {
             let engine = start_l7(&cfg, l7, &table, &data, &mut metrics)?;
+            // The bootstrap's parse is over: give its memory back.
+            nodemesh_config::memory::release_free_memory();
             engine.reporter().set_tcp_metrics(proxy_metrics.tcp());
             Some(engine)
         }

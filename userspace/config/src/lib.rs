@@ -27,6 +27,7 @@ pub mod access_log;
 pub mod convert;
 pub mod filters;
 pub mod matcher;
+pub mod memory;
 pub mod model;
 pub mod pool;
 pub mod support;

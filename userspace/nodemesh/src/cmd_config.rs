@@ -168,6 +168,8 @@ pub fn proxy(
         if let Some(admin) = running.admin {
             eprintln!("admin on {admin}");
         }
+        // The bootstrap's parse is over: give its memory back.
+        nodemesh_config::memory::release_free_memory();
         let engine = running.engine.clone();
         let running = std::sync::Arc::new(tokio::sync::Mutex::new(running));
         if let Some(config) = xds {

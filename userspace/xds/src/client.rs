@@ -939,6 +939,9 @@ where
         *self.published.lock().unwrap_or_else(|e| e.into_inner()) = self.accepted.clone();
         let started = std::time::Instant::now();
         (self.apply)(snapshot).await;
+        // The update's translation and the replaced state are freed: give the memory back
+        // (see nodemesh_config::memory).
+        nodemesh_config::memory::release_free_memory();
         info!(
             listeners,
             clusters,
