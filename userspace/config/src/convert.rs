@@ -985,6 +985,7 @@ impl Cx {
             // Envoy's default: 1 hour; 0 disables.
             idle_timeout: opt_timeout(t.idle_timeout.as_ref(), Some(Duration::from_secs(3600)))
                 .unwrap_or(Duration::ZERO),
+            access_logs: crate::access_log::translate(&t.access_log, at, &mut self.diags),
         })
     }
 

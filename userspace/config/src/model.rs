@@ -131,6 +131,8 @@ pub struct TcpProxy {
     pub stat_prefix: String,
     pub target: ClusterTarget,
     pub idle_timeout: Duration,
+    /// One entry per connection, written when it closes.
+    pub access_logs: Vec<crate::access_log::AccessLog>,
 }
 
 /// Which codec the HTTP connection manager speaks.

@@ -620,12 +620,9 @@ static TABLE: &[(&[&str], Rules)] = &[
                 "cluster",
                 "weighted_clusters",
                 "idle_timeout",
+                "access_log",
             ],
             ignored: &[
-                (
-                    "access_log",
-                    "access logs come with nodemesh's own telemetry",
-                ),
                 (
                     "access_log_options",
                     "access logs come with nodemesh's own telemetry",

@@ -172,6 +172,7 @@ mod tests {
                 stat_prefix: name.into(),
                 target: ClusterTarget::Named(name.into()),
                 idle_timeout: Duration::from_secs(3600),
+                access_logs: vec![],
             }),
         }
     }

@@ -114,10 +114,11 @@ impl Reporter {
         let capacity = self.capacity.load(Ordering::Relaxed);
         for l in &snapshot.listeners {
             for chain in l.filter_chains.iter().chain(l.default_chain.iter()) {
-                let NetworkFilter::Http(h) = &chain.filter else {
-                    continue;
+                let logs = match &chain.filter {
+                    NetworkFilter::Http(h) => &h.access_logs,
+                    NetworkFilter::Tcp(t) => &t.access_logs,
                 };
-                for log in &h.access_logs {
+                for log in logs {
                     if next.contains_key(&log.path) {
                         continue;
                     }
@@ -244,6 +245,40 @@ impl Pending {
             }
         }
     }
+}
+
+/// Writes one entry to each of `logs` (a TCP connection's, when it closes).
+pub(crate) fn log_entry(
+    reporter: &Reporter,
+    logs: &[nodemesh_config::access_log::AccessLog],
+    entry: Entry,
+) {
+    if logs.is_empty() {
+        return;
+    }
+    let entry = Arc::new(entry);
+    for log in logs {
+        if let Some(w) = reporter.writer(&log.path) {
+            w.log(log.format.clone(), entry.clone());
+        }
+    }
+}
+
+/// A new entry for a TCP connection: no request line or response code (`-` and 0, as
+/// Envoy logs a tcp_proxy connection).
+pub(crate) fn tcp_entry(peer: SocketAddr, local: SocketAddr, principal: Option<Arc<str>>) -> Entry {
+    let mut e = entry(
+        "",
+        "",
+        "",
+        http::Version::HTTP_11,
+        peer.ip(),
+        peer,
+        local,
+        principal,
+    );
+    e.protocol = "";
+    e
 }
 
 /// The size of a header block as it travels (name, value, `: ` and CRLF).

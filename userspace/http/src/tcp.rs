@@ -28,6 +28,18 @@ pub async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let started = Instant::now();
+    let mut entry = crate::report::tcp_entry(
+        accepted.peer,
+        accepted.destination,
+        accepted.source.principal.clone(),
+    );
+    // Every way the connection ends is logged (Envoy logs refused ones with their flag).
+    let log = |mut entry: nodemesh_telemetry::access_log::Entry, flag: Option<&'static str>| {
+        entry.response_flags = flag;
+        entry.duration = started.elapsed();
+        crate::report::log_entry(engine.reporter(), &proxy.access_logs, entry);
+    };
     let name = match &proxy.target {
         ClusterTarget::Named(name) => Some(name.clone()),
         ClusterTarget::Weighted(_) => {
@@ -38,8 +50,10 @@ pub async fn serve<S>(
     let Some(cluster) = name.and_then(|n| state.clusters.get(&n).cloned()) else {
         warn!(stat_prefix = %proxy.stat_prefix, "tcp_proxy: no such cluster; closing");
         engine.stats().local_reply("NC");
+        log(entry, Some("NC"));
         return;
     };
+    entry.upstream_cluster = Some(cluster.name().to_owned());
     let host = match &cluster.config.discovery {
         Discovery::OriginalDst { .. } => Some(Host::transient(accepted.destination)),
         _ => lb::pick(&cluster),
@@ -47,8 +61,10 @@ pub async fn serve<S>(
     let Some(host) = host else {
         engine.stats().local_reply("UH");
         debug!(cluster = %cluster.name(), "tcp_proxy: no healthy upstream; closing");
+        log(entry, Some("UH"));
         return;
     };
+    entry.upstream_host = Some(host.address);
     let opened = match cluster
         .open(host.address, &accepted.source, engine.connector())
         .await
@@ -58,6 +74,7 @@ pub async fn serve<S>(
             cluster.record(&host, Outcome::GatewayError);
             engine.stats().local_reply("UF");
             debug!(cluster = %cluster.name(), upstream = %host.address, error = %e, "tcp_proxy: connect failed");
+            log(entry, Some("UF"));
             return;
         }
     };
@@ -88,6 +105,9 @@ pub async fn serve<S>(
         m.sent_bytes.get_or_create(labels).inc_by(down);
         m.closed.get_or_create(labels).inc();
     }
+    entry.bytes_received = up;
+    entry.bytes_sent = down;
+    log(entry, None);
 }
 
 /// Copies both ways until both directions have ended, or nothing moved for `idle`

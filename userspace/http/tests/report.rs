@@ -445,3 +445,102 @@ async fn bodies_without_a_length_are_counted_as_forwarded() {
         .sum();
     assert!(sum >= 8000.0, "istio_request_bytes_sum {sum}:\n{text}");
 }
+
+#[tokio::test]
+async fn tcp_proxy_connections_are_logged_when_they_close() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let echo_addr = echo.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let closed = common::free_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("tcp.log");
+    let listener = |name: &str, cluster: &str| {
+        format!(
+            r#"  - name: {name}
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: {name}
+          cluster: {cluster}
+          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: {path}
+"#,
+            path = log.display()
+        )
+    };
+    let cluster = |name: &str, port: u16| {
+        format!(
+            "  - name: {name}\n    connect_timeout: 1s\n    load_assignment:\n      cluster_name: {name}\n      endpoints: [ {{ lb_endpoints: [ {{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {port} }} }} }} }} ] }} ]\n"
+        )
+    };
+    let yaml = format!(
+        "static_resources:\n  listeners:\n{}{}  clusters:\n{}{}",
+        listener("tcp", "echo"),
+        listener("dead", "closed"),
+        cluster("echo", echo_addr.port()),
+        cluster("closed", closed),
+    );
+    let (running, addr) = start(&yaml).await;
+    let dead = running.listeners[1].1;
+
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"hello").await.expect("write");
+    let mut buf = [0u8; 5];
+    tokio::time::timeout(DEADLINE, s.read_exact(&mut buf))
+        .await
+        .expect("no hang")
+        .expect("echo");
+    s.shutdown().await.expect("half-close");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await;
+    // The upstream refuses: the connection is closed and logged with UF.
+    let mut s = tokio::net::TcpStream::connect(dead).await.expect("connect");
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest)).await;
+
+    let entries: Vec<serde_json::Value> = lines(&log, 2)
+        .await
+        .iter()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    let by_cluster = |c: &str| {
+        entries
+            .iter()
+            .find(|e| e["upstream_cluster"] == c)
+            .cloned()
+            .unwrap_or_else(|| panic!("no entry for {c}: {entries:?}"))
+    };
+    let ok = by_cluster("echo");
+    assert_eq!(ok["bytes_received"], 5, "{ok}");
+    assert_eq!(ok["bytes_sent"], 5, "{ok}");
+    assert_eq!(ok["upstream_host"], echo_addr.to_string(), "{ok}");
+    assert_eq!(ok["response_flags"], serde_json::Value::Null, "{ok}");
+    assert_eq!(
+        ok["method"],
+        serde_json::Value::Null,
+        "no request line: {ok}"
+    );
+    assert_eq!(ok["protocol"], serde_json::Value::Null, "{ok}");
+    let refused = by_cluster("closed");
+    assert_eq!(refused["response_flags"], "UF", "{refused}");
+    assert_eq!(refused["bytes_sent"], 0, "{refused}");
+}

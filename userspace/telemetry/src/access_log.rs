@@ -51,7 +51,7 @@ pub struct Entry {
     /// As the client sent it (before rewrites), with the query.
     pub path: String,
     pub authority: String,
-    /// `HTTP/1.1`, `HTTP/2`.
+    /// `HTTP/1.1`, `HTTP/2`; empty for a TCP connection (`-` in the log).
     pub protocol: &'static str,
     pub request_headers: HeaderMap,
     pub response_headers: HeaderMap,
@@ -77,10 +77,12 @@ pub struct Entry {
 
 impl Entry {
     fn header<'a>(h: &'a HeaderMap, e: &'a Entry, name: &str) -> Option<&'a str> {
+        // A TCP connection's entry has no request line: Envoy's `-`.
+        let set = |s: &'a String| Some(s.as_str()).filter(|s| !s.is_empty());
         match name {
-            ":method" => Some(&e.method),
-            ":path" => Some(&e.path),
-            ":authority" | "host" => Some(&e.authority),
+            ":method" => set(&e.method),
+            ":path" => set(&e.path),
+            ":authority" | "host" => set(&e.authority),
             _ => h.get(name).and_then(|v| v.to_str().ok()),
         }
     }
@@ -109,9 +111,13 @@ impl Entry {
                     .or_else(|| b.as_deref().and_then(|b| self.response_headers.get(b)))
                     .and_then(|v| v.to_str().ok()),
             ),
-            LogField::Protocol => text(Some(self.protocol)),
+            LogField::Protocol => text(Some(self.protocol).filter(|p| !p.is_empty())),
             LogField::ResponseCode => Some(Value::from(self.response_code)),
             LogField::ResponseFlags => text(self.response_flags),
+            // TCP connections have no response to explain (Envoy: `-`).
+            LogField::ResponseCodeDetails if self.protocol.is_empty() => {
+                text(self.details.as_deref())
+            }
             LogField::ResponseCodeDetails => text(Some(self.details.as_deref().unwrap_or(
                 if self.response_flags.is_none() {
                     "via_upstream"
