@@ -22,6 +22,7 @@
 //!   listeners, routes, secrets, so a client never sees a listener before its clusters.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
+    future::Future,
     net::SocketAddr,
     path::PathBuf,
     sync::{
@@ -414,7 +415,7 @@ impl AggregatedDiscoveryService for ControlPlane {
             watches: BTreeMap::new(),
             nonce: 0,
         };
-        tokio::spawn(stream.run(request.into_inner()));
+        tokio::spawn(run_stream(stream, request.into_inner()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -431,7 +432,7 @@ impl AggregatedDiscoveryService for ControlPlane {
             watches: BTreeMap::new(),
             nonce: 0,
         };
-        tokio::spawn(stream.run(request.into_inner()));
+        tokio::spawn(run_stream(stream, request.into_inner()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -499,6 +500,111 @@ fn acknowledge(
     }
 }
 
+/// What differs between the two ADS variants on one stream.
+trait Variant: Send + 'static {
+    type Request: Send + 'static;
+    fn id(&self) -> u64;
+    fn control_plane(&self) -> &ControlPlane;
+    /// A request from the client, against the set being served.
+    fn on_request(
+        &mut self,
+        req: Self::Request,
+        current: &Loaded,
+    ) -> impl Future<Output = Result<(), ()>> + Send;
+    /// The served set changed: send what is due, in [`PUSH_ORDER`].
+    fn on_change(&mut self, current: &Loaded) -> impl Future<Output = Result<(), ()>> + Send;
+}
+
+/// Runs one stream until the client ends it, it fails, or the control plane stops; an
+/// `Err` from the variant means the client is gone.
+async fn run_stream<V: Variant>(mut v: V, mut inbound: Streaming<V::Request>) {
+    let _guard = StreamGuard {
+        id: v.id(),
+        shared: v.control_plane().shared.clone(),
+    };
+    let mut served = v.control_plane().served.subscribe();
+    loop {
+        tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(req)) => {
+                    let current = served.borrow().clone();
+                    if v.on_request(req, &current).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    debug!(stream = v.id(), error = %e, "stream ended");
+                    return;
+                }
+            },
+            changed = served.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let current = served.borrow_and_update().clone();
+                if v.on_change(&current).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Variant for SotwStream {
+    type Request = DiscoveryRequest;
+
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn control_plane(&self) -> &ControlPlane {
+        &self.cp
+    }
+
+    async fn on_request(&mut self, req: DiscoveryRequest, current: &Loaded) -> Result<(), ()> {
+        self.handle(req, current).await
+    }
+
+    async fn on_change(&mut self, current: &Loaded) -> Result<(), ()> {
+        for ty in PUSH_ORDER {
+            let due = self
+                .watches
+                .get(&ty)
+                .is_some_and(|w| w.sent.as_deref() != Some(current.type_version(ty)));
+            if due {
+                self.respond(ty, current).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Variant for DeltaStream {
+    type Request = DeltaDiscoveryRequest;
+
+    fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn control_plane(&self) -> &ControlPlane {
+        &self.cp
+    }
+
+    async fn on_request(&mut self, req: DeltaDiscoveryRequest, current: &Loaded) -> Result<(), ()> {
+        self.handle(req, current).await
+    }
+
+    async fn on_change(&mut self, current: &Loaded) -> Result<(), ()> {
+        for ty in PUSH_ORDER {
+            if self.watches.contains_key(&ty) {
+                self.respond(ty, current).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// State of the world, per type.
 #[derive(Default)]
 struct SotwWatch {
@@ -519,44 +625,7 @@ struct SotwStream {
 }
 
 impl SotwStream {
-    async fn run(mut self, mut inbound: Streaming<DiscoveryRequest>) {
-        let _guard = StreamGuard {
-            id: self.id,
-            shared: self.cp.shared.clone(),
-        };
-        let mut served = self.cp.served.subscribe();
-        loop {
-            tokio::select! {
-                msg = inbound.message() => match msg {
-                    Ok(Some(req)) => {
-                        let current = served.borrow().clone();
-                        if self.on_request(req, &current).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => return,
-                    Err(e) => {
-                        debug!(stream = self.id, error = %e, "stream ended");
-                        return;
-                    }
-                },
-                changed = served.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    let current = served.borrow_and_update().clone();
-                    for ty in PUSH_ORDER {
-                        let due = self.watches.get(&ty).is_some_and(|w| w.sent.as_deref() != Some(current.type_version(ty)));
-                        if due && self.respond(ty, &current).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    async fn on_request(&mut self, req: DiscoveryRequest, current: &Loaded) -> Result<(), ()> {
+    async fn handle(&mut self, req: DiscoveryRequest, current: &Loaded) -> Result<(), ()> {
         let shared = &self.cp.shared;
         identify(shared, self.id, req.node.as_ref());
         let Some(ty) = ResourceType::from_type_url(&req.type_url) else {
@@ -696,43 +765,7 @@ struct DeltaStream {
 }
 
 impl DeltaStream {
-    async fn run(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>) {
-        let _guard = StreamGuard {
-            id: self.id,
-            shared: self.cp.shared.clone(),
-        };
-        let mut served = self.cp.served.subscribe();
-        loop {
-            tokio::select! {
-                msg = inbound.message() => match msg {
-                    Ok(Some(req)) => {
-                        let current = served.borrow().clone();
-                        if self.on_request(req, &current).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(None) => return,
-                    Err(e) => {
-                        debug!(stream = self.id, error = %e, "stream ended");
-                        return;
-                    }
-                },
-                changed = served.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    let current = served.borrow_and_update().clone();
-                    for ty in PUSH_ORDER {
-                        if self.watches.contains_key(&ty) && self.respond(ty, &current).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    async fn on_request(&mut self, req: DeltaDiscoveryRequest, current: &Loaded) -> Result<(), ()> {
+    async fn handle(&mut self, req: DeltaDiscoveryRequest, current: &Loaded) -> Result<(), ()> {
         let shared = &self.cp.shared;
         identify(shared, self.id, req.node.as_ref());
         let Some(ty) = ResourceType::from_type_url(&req.type_url) else {
