@@ -66,8 +66,13 @@ pub fn write_folder(
 /// An Envoy bootstrap whose only static resource is the control plane on the node's
 /// loopback at `port`; the rest comes over ADS (`delta`: DELTA_GRPC, else GRPC).
 pub fn ads_bootstrap(port: u16, delta: bool) -> String {
+    ads_bootstrap_as(port, delta, "nodemesh~198.18.0.1~node")
+}
+
+/// [`ads_bootstrap`] with the node id `node` (the control plane's `/status` shows it).
+pub fn ads_bootstrap_as(port: u16, delta: bool, node: &str) -> String {
     format!(
-        r#"node: {{ id: "nodemesh~198.18.0.1~node", cluster: nodemesh }}
+        r#"node: {{ id: "{node}", cluster: nodemesh }}
 dynamic_resources:
   ads_config:
     api_type: {api}

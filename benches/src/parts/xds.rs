@@ -117,32 +117,6 @@ fn write_routes(dir: &Path, vhosts: &str, version: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ads_bootstrap(cp: u16, node: &str) -> String {
-    format!(
-        r#"node: {{ id: "{node}", cluster: bench }}
-dynamic_resources:
-  ads_config:
-    api_type: GRPC
-    transport_api_version: V3
-    grpc_services: [{{ envoy_grpc: {{ cluster_name: xds }} }}]
-  cds_config: {{ ads: {{}}, resource_api_version: V3 }}
-  lds_config: {{ ads: {{}}, resource_api_version: V3 }}
-static_resources:
-  clusters:
-  - name: xds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    load_assignment:
-      cluster_name: xds
-      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {cp} }} }} }} }}] }}]
-"#
-    )
-}
-
 /// A GET on a fresh connection; the body of a 200, if one came. The body is read by its
 /// `content-length`, not to the end of the stream: Envoy holds a closing connection open
 /// for `delayed_close_timeout` (1 s) waiting for the client to close first, and waiting for
@@ -289,7 +263,10 @@ pub fn run(common: &Common, rounds: Option<usize>) -> anyhow::Result<()> {
         let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for which in order {
             let boot = work.path().join(format!("ads-{which}.yaml"));
-            std::fs::write(&boot, ads_bootstrap(cp_port, &format!("bench-{which}")))?;
+            std::fs::write(
+                &boot,
+                nodemesh_tests::xds::ads_bootstrap_as(cp_port, false, &format!("bench-{which}")),
+            )?;
             let cmd = if which == 0 {
                 let mut c = Command::new(nodemesh_simnode::bin_path("nodemesh"));
                 c.args(["proxy", "-c"])

@@ -288,13 +288,13 @@ async fn a_stuck_log_sink_drops_and_counts_entries_and_requests_go_on() {
     assert_eq!(sample(&text, &written), Some(read_lines as f64));
 }
 
-#[tokio::test]
-async fn tcp_proxy_connections_are_counted_in_istio_tcp_metrics() {
+/// A TCP echo server on loopback (until the test's runtime ends).
+async fn echo_server() -> SocketAddr {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    let echo_addr = echo.local_addr().expect("addr");
+    let addr = echo.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((mut s, _)) = echo.accept().await {
             tokio::spawn(async move {
@@ -307,6 +307,13 @@ async fn tcp_proxy_connections_are_counted_in_istio_tcp_metrics() {
             });
         }
     });
+    addr
+}
+
+#[tokio::test]
+async fn tcp_proxy_connections_are_counted_in_istio_tcp_metrics() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let echo_addr = echo_server().await;
     let yaml = format!(
         r#"
 admin: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }} }}
@@ -449,22 +456,7 @@ async fn bodies_without_a_length_are_counted_as_forwarded() {
 #[tokio::test]
 async fn tcp_proxy_connections_are_logged_when_they_close() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let echo = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let echo_addr = echo.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = echo.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    let echo_addr = echo_server().await;
     let closed = common::free_port();
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("tcp.log");
