@@ -215,8 +215,14 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespB
         ctx.accepted.source.principal.clone(),
     );
     let request_head = report::head_size(req.headers());
-    let received = report::BodyBytes::default();
-    req.extensions_mut().insert(received.clone());
+    // Only a body of undeclared length is counted as it is forwarded (chunked, HTTP/2,
+    // gRPC streams): the common bodiless or sized request costs no counter.
+    let declared = req.headers().contains_key(header::CONTENT_LENGTH);
+    let received = (!declared && !hyper::body::Body::is_end_stream(req.body())).then(|| {
+        let counter = report::BodyBytes::default();
+        req.extensions_mut().insert(counter.clone());
+        counter
+    });
     let (mut response, sanitized) = handle_stream(&ctx, req, grpc, keep_headers).await;
     if !ctx.downstream_h2 && ctx.drain.is_draining() {
         // HTTP/1.1 on a draining listener: this response is the connection's last.

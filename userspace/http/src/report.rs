@@ -170,8 +170,9 @@ pub(crate) struct Pending {
     pub request_head: u64,
     /// The request body's `content-length`, when it had one.
     pub content_length: u64,
-    /// The request body bytes that went through the proxy (chunked, HTTP/2, gRPC bodies).
-    pub received: BodyBytes,
+    /// The request body bytes that went through the proxy, for a body of undeclared
+    /// length (chunked, HTTP/2, gRPC).
+    pub received: Option<BodyBytes>,
 }
 
 /// Counts a request body's bytes as they are forwarded (`Touching` adds to it), so that a
@@ -198,7 +199,11 @@ impl Pending {
         self.entry.duration = duration;
         self.entry.bytes_sent = bytes_sent;
         // What was forwarded; a body the upstream did not read counts as declared.
-        let body = self.received.get().max(self.content_length);
+        let body = self
+            .received
+            .as_ref()
+            .map_or(0, BodyBytes::get)
+            .max(self.content_length);
         self.entry.bytes_received = body;
         let request_bytes = self.request_head + body;
         let reporter = self.engine.reporter();
