@@ -549,17 +549,8 @@ where
     ) -> anyhow::Result<()> {
         self.responses_this_session += 1;
         let Some(ty) = ResourceType::from_type_url(&resp.type_url) else {
-            let reason = format!("type {:?} is not one nodemesh subscribes to", resp.type_url);
-            warn!(nonce = %resp.nonce, "{reason}");
-            self.count_unknown_type();
-            tx.send(Out::Sotw(DiscoveryRequest {
-                node: self.node_if_needed(),
-                type_url: resp.type_url.clone(),
-                response_nonce: resp.nonce.clone(),
-                error_detail: Some(rpc_error(&reason)),
-                ..Default::default()
-            }))
-            .await?;
+            tx.send(self.refuse_unknown_type(&resp.type_url, &resp.nonce))
+                .await?;
             return Ok(());
         };
         self.nonces.insert(ty, resp.nonce.clone());
@@ -605,16 +596,8 @@ where
     ) -> anyhow::Result<()> {
         self.responses_this_session += 1;
         let Some(ty) = ResourceType::from_type_url(&resp.type_url) else {
-            let reason = format!("type {:?} is not one nodemesh subscribes to", resp.type_url);
-            warn!(nonce = %resp.nonce, "{reason}");
-            self.count_unknown_type();
-            tx.send(Out::Delta(DeltaDiscoveryRequest {
-                type_url: resp.type_url.clone(),
-                response_nonce: resp.nonce.clone(),
-                error_detail: Some(rpc_error(&reason)),
-                ..Default::default()
-            }))
-            .await?;
+            tx.send(self.refuse_unknown_type(&resp.type_url, &resp.nonce))
+                .await?;
             return Ok(());
         };
         self.nonces.insert(ty, resp.nonce.clone());
@@ -686,8 +669,10 @@ where
         }
     }
 
-    /// A response of a type nodemesh does not subscribe to, NACKed.
-    fn count_unknown_type(&self) {
+    /// The NACK of a response of a type nodemesh does not subscribe to (logged, counted).
+    fn refuse_unknown_type(&self, type_url: &str, nonce: &str) -> Out {
+        let reason = format!("type {type_url:?} is not one nodemesh subscribes to");
+        warn!(nonce, "{reason}");
         self.metrics
             .updates
             .get_or_create(&TypeResult {
@@ -695,6 +680,23 @@ where
                 result: "nack".to_owned(),
             })
             .inc();
+        let error_detail = Some(rpc_error(&reason));
+        if self.delta() {
+            Out::Delta(DeltaDiscoveryRequest {
+                type_url: type_url.to_owned(),
+                response_nonce: nonce.to_owned(),
+                error_detail,
+                ..Default::default()
+            })
+        } else {
+            Out::Sotw(DiscoveryRequest {
+                node: self.node_if_needed(),
+                type_url: type_url.to_owned(),
+                response_nonce: nonce.to_owned(),
+                error_detail,
+                ..Default::default()
+            })
+        }
     }
 
     /// Counts, logs and keeps the outcome of one response; the `error_detail` of its reply.

@@ -3,7 +3,10 @@
 //! The client and the control plane share this vocabulary: a resource is kept both as the
 //! `Any` it travelled in (re-sent or dumped as is) and decoded against the descriptor pool
 //! (checked and translated by `nodemesh-config`).
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use envoy_types::pb::google::protobuf::Any;
 use prost_reflect::{DynamicMessage, Value};
@@ -169,17 +172,22 @@ impl Resource {
 /// Named resources of every type.
 #[derive(Debug, Clone, Default)]
 pub struct ResourceSet {
-    by_type: BTreeMap<ResourceType, BTreeMap<String, Resource>>,
+    /// Shared, so that a candidate set (a copy of the accepted one plus a response) costs
+    /// a map of pointers, not a copy of every resource.
+    by_type: BTreeMap<ResourceType, BTreeMap<String, Arc<Resource>>>,
 }
 
 impl ResourceSet {
     /// The resources of `ty`, by name.
     pub fn of(&self, ty: ResourceType) -> impl Iterator<Item = &Resource> {
-        self.by_type.get(&ty).into_iter().flat_map(|m| m.values())
+        self.by_type
+            .get(&ty)
+            .into_iter()
+            .flat_map(|m| m.values().map(Arc::as_ref))
     }
 
     pub fn get(&self, ty: ResourceType, name: &str) -> Option<&Resource> {
-        self.by_type.get(&ty)?.get(name)
+        self.by_type.get(&ty)?.get(name).map(Arc::as_ref)
     }
 
     pub fn names(&self, ty: ResourceType) -> BTreeSet<String> {
@@ -202,10 +210,10 @@ impl ResourceSet {
         self.by_type
             .entry(ty)
             .or_default()
-            .insert(resource.name.clone(), resource);
+            .insert(resource.name.clone(), Arc::new(resource));
     }
 
-    pub fn remove(&mut self, ty: ResourceType, name: &str) -> Option<Resource> {
+    pub fn remove(&mut self, ty: ResourceType, name: &str) -> Option<Arc<Resource>> {
         self.by_type.get_mut(&ty)?.remove(name)
     }
 
@@ -213,7 +221,10 @@ impl ResourceSet {
     pub fn replace(&mut self, ty: ResourceType, resources: impl IntoIterator<Item = Resource>) {
         self.by_type.insert(
             ty,
-            resources.into_iter().map(|r| (r.name.clone(), r)).collect(),
+            resources
+                .into_iter()
+                .map(|r| (r.name.clone(), Arc::new(r)))
+                .collect(),
         );
     }
 
