@@ -112,7 +112,36 @@ struct Folder<'a> {
     bad_regex: bool,
 }
 
-impl Folder<'_> {
+impl<'a> Folder<'a> {
+    /// The clusters and where the route for `web.example` goes; nothing else.
+    fn new(clusters: &'a [(&'a str, u16)], route_to: &'a str) -> Self {
+        Self {
+            clusters,
+            route_to,
+            tcp_to: None,
+            padding: 0,
+            bad_regex: false,
+        }
+    }
+
+    fn tcp(self, to: &'a str) -> Self {
+        Self {
+            tcp_to: Some(to),
+            ..self
+        }
+    }
+
+    fn padding(self, padding: usize) -> Self {
+        Self { padding, ..self }
+    }
+
+    fn bad_regex(self) -> Self {
+        Self {
+            bad_regex: true,
+            ..self
+        }
+    }
+
     fn write(&self, dir: &Path) {
         let mut clusters = String::from("resources:\n");
         for (name, port) in self.clusters {
@@ -326,14 +355,7 @@ async fn until_server(cp: &Cp, what: &str, pred: impl Fn(&ServerStatus) -> bool)
 
 async fn complete_config_and_changes(delta: bool) {
     let dir = tempfile::tempdir().expect("temporary folder");
-    Folder {
-        clusters: &[("web", 1001)],
-        route_to: "web",
-        tcp_to: None,
-        padding: 0,
-        bad_regex: false,
-    }
-    .write(dir.path());
+    Folder::new(&[("web", 1001)], "web").write(dir.path());
     let cp = Cp::start(dir.path(), true, 0);
     let mut f = follow(config(cp.addr, delta));
     let s = f
@@ -369,14 +391,9 @@ async fn complete_config_and_changes(delta: bool) {
     assert_eq!(cs.state, "connected");
 
     // A new cluster and the route moved to it (hot reload of the folder).
-    Folder {
-        clusters: &[("web", 1001), ("api", 2002)],
-        route_to: "api",
-        tcp_to: Some("api"),
-        padding: 0,
-        bad_regex: false,
-    }
-    .write(dir.path());
+    Folder::new(&[("web", 1001), ("api", 2002)], "api")
+        .tcp("api")
+        .write(dir.path());
     let s = f
         .until("the route moved to the new cluster", |s| {
             web_target(s).as_deref() == Some("api") && s.listener("tcp").is_some()
@@ -385,14 +402,7 @@ async fn complete_config_and_changes(delta: bool) {
     assert_eq!(endpoint_port(&s, "api"), Some(2002));
 
     // Removal: the cluster, its assignment and the listener go.
-    Folder {
-        clusters: &[("web", 1003)],
-        route_to: "web",
-        tcp_to: None,
-        padding: 0,
-        bad_regex: false,
-    }
-    .write(dir.path());
+    Folder::new(&[("web", 1003)], "web").write(dir.path());
     let s = f
         .until("the removed cluster and listener are gone", |s| {
             // Types arrive one by one: a snapshot may have the cluster gone and the route
@@ -435,13 +445,7 @@ async fn delta_delivers_a_complete_config_and_follows_changes() {
 
 async fn rejected_update_keeps_last_good(delta: bool) {
     let dir = tempfile::tempdir().expect("temporary folder");
-    let good = Folder {
-        clusters: &[("web", 1001)],
-        route_to: "web",
-        tcp_to: None,
-        padding: 0,
-        bad_regex: false,
-    };
+    let good = Folder::new(&[("web", 1001)], "web");
     good.write(dir.path());
     // Unchecked: the control plane serves what nodemesh would refuse.
     let cp = Cp::start(dir.path(), false, 0);
@@ -453,14 +457,9 @@ async fn rejected_update_keeps_last_good(delta: bool) {
     let published = f.client.status().published;
 
     // A route whose regex does not compile.
-    Folder {
-        clusters: &[("web", 1001)],
-        route_to: "web",
-        tcp_to: None,
-        padding: 0,
-        bad_regex: true,
-    }
-    .write(dir.path());
+    Folder::new(&[("web", 1001)], "web")
+        .bad_regex()
+        .write(dir.path());
     let names_the_field = |r: &str| r.contains("route_config \"routes\"") && r.contains("regex");
     f.until_status("the RDS NACK naming the resource and field", |st| {
         st.types
@@ -488,14 +487,9 @@ async fn rejected_update_keeps_last_good(delta: bool) {
     assert_eq!(nacks, 1, "the control plane resent a rejected update");
 
     // A reference to a cluster nobody defines is accepted, as Envoy accepts it, and named.
-    Folder {
-        clusters: &[("web", 1001)],
-        route_to: "web",
-        tcp_to: Some("nowhere"),
-        padding: 0,
-        bad_regex: false,
-    }
-    .write(dir.path());
+    Folder::new(&[("web", 1001)], "web")
+        .tcp("nowhere")
+        .write(dir.path());
     f.until("the listener to the unknown cluster", |s| {
         s.listener("tcp").is_some()
     })
@@ -510,14 +504,9 @@ async fn rejected_update_keeps_last_good(delta: bool) {
     );
 
     // The cluster arrives: nothing to warn about any more.
-    Folder {
-        clusters: &[("web", 1001), ("nowhere", 3003)],
-        route_to: "web",
-        tcp_to: Some("nowhere"),
-        padding: 0,
-        bad_regex: false,
-    }
-    .write(dir.path());
+    Folder::new(&[("web", 1001), ("nowhere", 3003)], "web")
+        .tcp("nowhere")
+        .write(dir.path());
     let s = f
         .until("the cluster", |s| s.clusters.contains_key("nowhere"))
         .await;
@@ -539,28 +528,16 @@ async fn delta_rejected_update_keeps_the_last_good_config() {
 async fn a_resource_over_the_limit_is_refused() {
     for delta in [false, true] {
         let dir = tempfile::tempdir().expect("temporary folder");
-        Folder {
-            clusters: &[("web", 1001)],
-            route_to: "web",
-            tcp_to: None,
-            padding: 0,
-            bad_regex: false,
-        }
-        .write(dir.path());
+        Folder::new(&[("web", 1001)], "web").write(dir.path());
         let cp = Cp::start(dir.path(), true, 0);
         let mut cfg = config(cp.addr, delta);
         cfg.max_resource_bytes = 4096;
         let mut f = follow(cfg);
         f.until("the small config", |s| web_target(s).is_some())
             .await;
-        Folder {
-            clusters: &[("web", 1001)],
-            route_to: "web",
-            tcp_to: None,
-            padding: 200,
-            bad_regex: false,
-        }
-        .write(dir.path());
+        Folder::new(&[("web", 1001)], "web")
+            .padding(200)
+            .write(dir.path());
         f.until_status("the RDS NACK for the large route configuration", |st| {
             st.types
                 .get("rds")
@@ -580,14 +557,7 @@ async fn a_resource_over_the_limit_is_refused() {
 
 async fn restart_and_resume(delta: bool) {
     let dir = tempfile::tempdir().expect("temporary folder");
-    Folder {
-        clusters: &[("web", 1001)],
-        route_to: "web",
-        tcp_to: None,
-        padding: 0,
-        bad_regex: false,
-    }
-    .write(dir.path());
+    Folder::new(&[("web", 1001)], "web").write(dir.path());
     let cp = Cp::start(dir.path(), true, 0);
     let addr = cp.addr;
     let mut f = follow(config(addr, delta));
@@ -637,14 +607,7 @@ async fn restart_and_resume(delta: bool) {
     cp.stop();
     f.until_status("the second disconnect", |st| st.state != "connected")
         .await;
-    Folder {
-        clusters: &[("web", 1002), ("api", 2002)],
-        route_to: "api",
-        tcp_to: None,
-        padding: 0,
-        bad_regex: false,
-    }
-    .write(dir.path());
+    Folder::new(&[("web", 1002), ("api", 2002)], "api").write(dir.path());
     let _cp = Cp::start(dir.path(), true, addr.port());
     let s = f
         .until("the new history's config", |s| {
@@ -667,26 +630,12 @@ async fn delta_survives_a_control_plane_restart_and_resumes() {
 async fn flood(delta: bool) {
     let dir = tempfile::tempdir().expect("temporary folder");
     let scratch = tempfile::tempdir().expect("temporary folder");
-    Folder {
-        clusters: &[("web", 1000)],
-        route_to: "web",
-        tcp_to: None,
-        padding: 0,
-        bad_regex: false,
-    }
-    .write(dir.path());
+    Folder::new(&[("web", 1000)], "web").write(dir.path());
     // Every version to publish, prepared beforehand so the flood is as fast as sending.
     const N: u16 = 2000;
     let versions: Vec<_> = (1..=N)
         .map(|i| {
-            Folder {
-                clusters: &[("web", 1000 + i)],
-                route_to: "web",
-                tcp_to: None,
-                padding: 0,
-                bad_regex: false,
-            }
-            .write(scratch.path());
+            Folder::new(&[("web", 1000 + i)], "web").write(scratch.path());
             files::load_dir(scratch.path(), true).expect("a flood version loads")
         })
         .collect();
@@ -731,14 +680,7 @@ async fn delta_a_flood_of_updates_ends_at_the_last_one() {
 #[tokio::test]
 async fn an_assignment_that_never_comes_stops_warming_after_the_fetch_timeout() {
     let dir = tempfile::tempdir().expect("temporary folder");
-    Folder {
-        clusters: &[("web", 1001)],
-        route_to: "web",
-        tcp_to: None,
-        padding: 0,
-        bad_regex: false,
-    }
-    .write(dir.path());
+    Folder::new(&[("web", 1001)], "web").write(dir.path());
     // The assignment file goes: the cluster remains, its endpoints do not come.
     let clusters = std::fs::read_to_string(dir.path().join("clusters.yaml")).expect("read");
     let cluster_only = clusters
@@ -867,14 +809,7 @@ async fn a_first_request_with_an_old_streams_nonce_is_answered() {
         DiscoveryRequest, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
     };
     let dir = tempfile::tempdir().expect("temporary folder");
-    Folder {
-        clusters: &[("web", 1001)],
-        route_to: "web",
-        tcp_to: None,
-        padding: 0,
-        bad_regex: false,
-    }
-    .write(dir.path());
+    Folder::new(&[("web", 1001)], "web").write(dir.path());
     let cp = Cp::start(dir.path(), true, 0);
     let mut grpc = AggregatedDiscoveryServiceClient::connect(format!("http://{}", cp.addr))
         .await
