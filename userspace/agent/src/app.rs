@@ -512,34 +512,16 @@ fn start_l7(
     // A bootstrap with `dynamic_resources` is followed through its ADS control plane, as
     // `nodemesh proxy -c` and Envoy follow it; so is the agent's `control_plane`. The static
     // resources are the first snapshot.
-    let resources = nodemesh_config::read_bootstrap(&text).ok();
-    let ads = match resources {
-        Some(res) if res.ads.is_some() => {
-            if !cfg.control_plane.is_empty() {
-                bail!(
-                    "control_plane ({}) and proxy.l7.bootstrap's dynamic_resources both name a control plane; keep one",
-                    cfg.control_plane
-                );
-            }
-            Some(
-                nodemesh_xds::client::ClientConfig::from_bootstrap(res)
-                    .with_context(|| format!("proxy.l7.bootstrap {}", l7.bootstrap.display()))?,
-            )
-        }
-        Some(res) if !cfg.control_plane.is_empty() => {
-            let node_id = format!("nodemesh~{}~{}", cfg.proxy.listen.ip(), node_name(cfg));
-            Some(nodemesh_xds::client::ClientConfig::for_control_plane(
-                &cfg.control_plane,
-                node_id,
-                res,
-            ))
-        }
-        _ => None,
-    };
-    let translated = match &ads {
-        Some(client) => nodemesh_config::translate(&client.base),
-        None => nodemesh_config::load_file(&l7.bootstrap).with_context(reading)?,
-    };
+    let control_plane =
+        (!cfg.control_plane.is_empty()).then(|| nodemesh_xds::startup::ControlPlane {
+            authority: cfg.control_plane.clone(),
+            node_id: format!("nodemesh~{}~{}", cfg.proxy.listen.ip(), node_name(cfg)),
+        });
+    let nodemesh_xds::startup::Start {
+        translated,
+        xds: ads,
+    } = nodemesh_xds::startup::read(&text, control_plane)
+        .with_context(|| format!("proxy.l7.bootstrap {}", l7.bootstrap.display()))?;
     for w in &translated.diagnostics.warnings {
         warn!(bootstrap = %l7.bootstrap.display(), "{w}");
     }

@@ -100,8 +100,33 @@ const UPSTREAM_HTTP_URL: &str = "envoy.extensions.upstreams.http.v3.HttpProtocol
 
 /// Reads an Envoy bootstrap (YAML or JSON) and translates its static resources.
 pub fn load_bootstrap(text: &str) -> Result<Translated, ConfigError> {
-    // The bootstrap was checked as a whole; do not check its resources twice.
-    Ok(translate_checked(&read_bootstrap(text)?, false))
+    Ok(translate_bootstrap(&read_bootstrap(text)?))
+}
+
+/// Translates what [`read_bootstrap`] read (its fields were checked as a whole, so its
+/// resources are not checked twice).
+pub fn translate_bootstrap(res: &Resources) -> Translated {
+    translate_checked(res, false)
+}
+
+/// What a configuration file holds.
+#[derive(Debug)]
+pub enum Source {
+    /// A bootstrap: its static resources, read but not translated.
+    Bootstrap(Box<Resources>),
+    /// A config dump (a JSON object with `configs`), translated.
+    Dump(Box<Translated>),
+}
+
+/// Reads a bootstrap or a config dump.
+pub fn read_source(text: &str) -> Result<Source, ConfigError> {
+    let value: serde_json::Value =
+        serde_yaml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+    if value.get("configs").is_some() {
+        load_config_dump(text).map(|t| Source::Dump(Box::new(t)))
+    } else {
+        read_bootstrap(text).map(|r| Source::Bootstrap(Box::new(r)))
+    }
 }
 
 /// Reads an Envoy bootstrap (YAML or JSON) into its static resources, its ADS source and
@@ -328,13 +353,10 @@ pub fn load_config_dump(text: &str) -> Result<Translated, ConfigError> {
 pub fn load_file(path: &std::path::Path) -> Result<Translated, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::Syntax(format!("{}: {e}", path.display())))?;
-    let value: serde_json::Value =
-        serde_yaml::from_str(&text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
-    if value.get("configs").is_some() {
-        load_config_dump(&text)
-    } else {
-        load_bootstrap(&text)
-    }
+    Ok(match read_source(&text)? {
+        Source::Bootstrap(res) => translate_bootstrap(&res),
+        Source::Dump(translated) => *translated,
+    })
 }
 
 /// Translates resources from any source; each is checked against the support table.

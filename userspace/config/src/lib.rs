@@ -34,8 +34,8 @@ pub mod support;
 pub mod tls;
 
 pub use convert::{
-    AdsSource, Resources, Translated, load_bootstrap, load_config_dump, load_file, read_bootstrap,
-    translate,
+    AdsSource, Resources, Source, Translated, load_bootstrap, load_config_dump, load_file,
+    read_bootstrap, read_source, translate, translate_bootstrap,
 };
 
 /// What can go wrong reading configuration.

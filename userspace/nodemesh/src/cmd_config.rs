@@ -8,7 +8,11 @@ use nodemesh_config::{Translated, model::Snapshot};
 
 /// Reads and translates `path`, printing the diagnostics to stderr. Fails on errors.
 pub fn load(path: &Path) -> anyhow::Result<Snapshot> {
-    let translated = read(path)?;
+    report(path, read(path)?)
+}
+
+/// Prints `translated`'s diagnostics to stderr; fails on errors.
+fn report(path: &Path, translated: Translated) -> anyhow::Result<Snapshot> {
     for w in &translated.diagnostics.warnings {
         eprintln!("warning: {w}");
     }
@@ -126,33 +130,11 @@ pub fn proxy(
 ) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    // A bootstrap with `dynamic_resources` follows its control plane (a config dump reads
-    // as a bootstrap without them).
-    let dynamic = nodemesh_config::read_bootstrap(&text)
-        .ok()
-        .filter(|b| b.ads.is_some() || !b.diagnostics.is_ok());
-    let (snapshot, xds) = match dynamic {
-        Some(base) => {
-            for w in &base.diagnostics.warnings {
-                eprintln!("warning: {w}");
-            }
-            if !base.diagnostics.is_ok() {
-                for e in &base.diagnostics.errors {
-                    eprintln!("error: {e}");
-                }
-                bail!(
-                    "{}: {} error(s) in the bootstrap",
-                    path.display(),
-                    base.diagnostics.errors.len()
-                );
-            }
-            let config = nodemesh_xds::client::ClientConfig::from_bootstrap(base)
-                .with_context(|| format!("{}: dynamic_resources", path.display()))?;
-            let statics = load(path)?;
-            (statics, Some(config))
-        }
-        None => (load(path)?, None),
-    };
+    // A bootstrap with `dynamic_resources` follows its control plane.
+    let start = nodemesh_xds::startup::read(&text, None)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let snapshot = report(path, start.translated)?;
+    let xds = start.xds;
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = concurrency {
         rt.worker_threads(n.max(1));

@@ -83,17 +83,26 @@ impl ClientConfig {
     /// The configuration of a bootstrap's `dynamic_resources`, the control plane found in its
     /// static ADS cluster.
     pub fn from_bootstrap(base: nodemesh_config::Resources) -> anyhow::Result<Self> {
-        let ads = base
-            .ads
-            .clone()
-            .ok_or_else(|| anyhow::anyhow!("the bootstrap has no dynamic_resources.ads_config"))?;
-        let translated = nodemesh_config::translate(&base);
+        let translated = nodemesh_config::translate_bootstrap(&base);
         let snapshot = translated.snapshot.ok_or_else(|| {
             anyhow::anyhow!(
                 "the bootstrap's static resources: {}",
                 translated.diagnostics.errors.join("; ")
             )
         })?;
+        Self::from_translated_bootstrap(base, &snapshot)
+    }
+
+    /// [`Self::from_bootstrap`], with `snapshot` the translation of `base`'s static
+    /// resources, already made.
+    pub(crate) fn from_translated_bootstrap(
+        base: nodemesh_config::Resources,
+        snapshot: &Snapshot,
+    ) -> anyhow::Result<Self> {
+        let ads = base
+            .ads
+            .clone()
+            .ok_or_else(|| anyhow::anyhow!("the bootstrap has no dynamic_resources.ads_config"))?;
         let cluster = snapshot.clusters.get(&ads.cluster).ok_or_else(|| {
             anyhow::anyhow!(
                 "ads_config names cluster {:?}, which is not in static_resources",

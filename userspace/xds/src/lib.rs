@@ -3,6 +3,8 @@
 //! - [`types`]: the ADS resource types and a set of named resources, shared by both ends.
 //! - [`client`]: the ADS client the agent and `nodemesh proxy -c` follow.
 //! - [`dump`]: the live configuration as an Envoy config dump.
+//! - [`startup`]: a bootstrap file read once into the first snapshot and the control plane
+//!   to follow, for the agent and `nodemesh proxy -c` alike.
 //! - [`files`] and [`server`]: `nodemesh controlplane`, which serves a folder of resource
 //!   files.
 //!
@@ -15,6 +17,7 @@ pub mod dump;
 pub mod files;
 pub mod refs;
 pub mod server;
+pub mod startup;
 pub mod types;
 
 pub use types::{Resource, ResourceError, ResourceSet, ResourceType};
