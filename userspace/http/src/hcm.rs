@@ -22,7 +22,7 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use nodemesh_config::model::{HttpManager, Redirect, RouteAction, RouteConfig, RouteSource};
 use tokio::net::TcpStream;
-use tracing::{Instrument as _, debug, info_span};
+use tracing::{Instrument as _, debug, debug_span};
 
 use crate::{
     Accepted, Engine,
@@ -127,9 +127,11 @@ pub async fn serve(
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
         // The header timeout is this module's own (it starts at the first byte, where
-        // hyper's starts when it waits for the next request).
+        // hyper's starts when it waits for the next request); hyper's, on by default with a
+        // timer, would arm a second timer for every request.
         builder
             .timer(TokioTimer::new())
+            .header_read_timeout(None)
             .keep_alive(true)
             .max_buf_size((hcm.max_request_headers_kb as usize * 1024).max(8192))
             .max_headers(hcm.max_headers_count as usize)
@@ -302,7 +304,9 @@ async fn handle_stream(
     parts.extensions.insert(origin);
     let req = Request::from_parts(parts, body);
     let request_id = req.headers().get("x-request-id").cloned();
-    let span = info_span!("request", method = %req.method(), path = %req.uri().path(), source = %ctx.accepted.source.name);
+    // At debug level: an info span would be formatted for every request even when nothing
+    // inside it logs (the fmt layer records span fields at creation), a measurable cost.
+    let span = debug_span!("request", method = %req.method(), path = %req.uri().path(), source = %ctx.accepted.source.name);
     let (mut response, route_label) = async {
         let Some(_slot) = ctx.engine.tenants().request(&ctx.accepted.source) else {
             return (

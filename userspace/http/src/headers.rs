@@ -6,6 +6,18 @@ use nodemesh_config::model::{AppendAction, HeaderMutations, HeaderValueOption};
 /// Removes the hop-by-hop headers of RFC 9110 §7.6.1 and those named by `Connection`.
 /// `te: trailers` survives (gRPC needs it); `upgrade` survives when `keep_upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most heads carry none of them: one pass over the names before any hashed removal.
+    let hop_by_hop = |k: &HeaderName| {
+        k == header::CONNECTION
+            || k == header::TE
+            || k == header::UPGRADE
+            || k == header::TRANSFER_ENCODING
+            || k.as_str() == "keep-alive"
+            || k.as_str() == "proxy-connection"
+    };
+    if !headers.keys().any(hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -118,19 +130,23 @@ fn add_one(headers: &mut HeaderMap, option: &HeaderValueOption) {
 
 /// A random UUID (version 4), Envoy's `x-request-id` format.
 pub fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut bytes = fastrand::u128(..).to_be_bytes();
     bytes[6] = (bytes[6] & 0x0f) | 0x40;
     bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let id = format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    );
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    // 8-4-4-4-12 hex digits, written in place (this runs for every request).
+    let mut id = [0u8; 36];
+    let mut at = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            id[at] = b'-';
+            at += 1;
+        }
+        id[at] = HEX[usize::from(b >> 4)];
+        id[at + 1] = HEX[usize::from(b & 0x0f)];
+        at += 2;
+    }
+    HeaderValue::from_bytes(&id).expect("hex digits and dashes are a valid header value")
 }
 
 #[cfg(test)]
@@ -188,7 +204,16 @@ mod tests {
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h["te"], "trailers");
         let id = request_id();
+        let b = id.as_bytes();
         assert_eq!(id.len(), 36);
-        assert_eq!(&id.as_bytes()[14..15], b"4");
+        for (i, c) in b.iter().enumerate() {
+            match i {
+                8 | 13 | 18 | 23 => assert_eq!(*c, b'-', "{id:?}"),
+                _ => assert!(c.is_ascii_hexdigit() && !c.is_ascii_uppercase(), "{id:?}"),
+            }
+        }
+        assert_eq!(b[14], b'4', "version 4: {id:?}");
+        assert!(b"89ab".contains(&b[19]), "RFC 4122 variant: {id:?}");
+        assert_ne!(request_id(), id, "random");
     }
 }

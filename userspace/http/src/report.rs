@@ -27,7 +27,7 @@ use http_body::{Body, Frame, SizeHint};
 use nodemesh_config::model::{NetworkFilter, Snapshot};
 use nodemesh_telemetry::{
     access_log::{self, Entry, LogStats, Writer},
-    istio::{HttpLabels, HttpMetrics, TcpLabels, TcpMetrics, UNKNOWN, Workload},
+    istio::{HttpMetrics, RequestLabels, TcpLabels, TcpMetrics, UNKNOWN, Workload},
 };
 use prometheus_client::registry::Registry;
 use tracing::warn;
@@ -225,7 +225,7 @@ impl Pending {
             .response_headers
             .get("grpc-status")
             .and_then(|v| v.to_str().ok());
-        let labels = HttpLabels::new(
+        let labels = RequestLabels::new(
             source,
             destination,
             self.entry.upstream_cluster.as_deref(),

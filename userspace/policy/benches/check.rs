@@ -194,7 +194,7 @@ fn decide(c: &mut Criterion) {
 fn report(c: &mut Criterion) {
     use nodemesh_telemetry::{
         access_log::{Entry, LogStats, Writer},
-        istio::{HttpLabels, HttpMetrics, Workload},
+        istio::{HttpMetrics, RequestLabels, Workload},
     };
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = HttpMetrics::register(&mut registry);
@@ -216,7 +216,7 @@ fn report(c: &mut Criterion) {
     };
     c.bench_function("report/istio_metrics_and_access_log_entry", |b| {
         b.iter(|| {
-            let labels = HttpLabels::new(
+            let labels = RequestLabels::new(
                 source,
                 Workload::UNKNOWN,
                 Some("up"),
