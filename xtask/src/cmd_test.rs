@@ -2,13 +2,14 @@
 //!
 //! fmt, clippy (host and kernel programs), unit tests, build, then the privileged node tests
 //! (`nodemesh-tests`) between a sweep of what crashed earlier runs left in the kernel and a
-//! check that this run left nothing.
+//! check that this run left nothing. Before the node tests, the container image is built
+//! (`image.rs`) for the tests that run it (`tests/tests/image.rs`).
 use anyhow::bail;
 
 use crate::leftovers::{self, Leftover, Owner, Places};
 use crate::steps::Steps;
 use crate::workspace::{EBPF_PACKAGE, NODE_TESTS_PACKAGE, Workspace};
-use crate::{cmd_build, setup, util};
+use crate::{cmd_build, image, setup, util};
 
 #[derive(Debug, Clone, Default)]
 pub struct TestOpts {
@@ -112,11 +113,21 @@ fn node_tests(ws: &Workspace, steps: &mut Steps, filter: Option<&str>) -> anyhow
         "remove nodemesh-sim-* left by crashed runs",
         || sweep(&places),
     )?;
+    let podman_conf = if image::selected(filter) {
+        Some(image::build(ws, steps)?)
+    } else {
+        steps.skip("image", "the filter selects no image_* test");
+        None
+    };
     let bin_dir = ws.bin_dir(false);
     let tests = steps.run("node tests", "nodemesh-tests on the real kernel", || {
         let mut cmd = ws.cargo();
-        cmd.env("NODEMESH_BIN_DIR", &bin_dir)
-            .args(["test", "-p", NODE_TESTS_PACKAGE, "--", "--test-threads=2"])
+        cmd.env("NODEMESH_BIN_DIR", &bin_dir);
+        if let Some(conf) = &podman_conf {
+            cmd.env(image::IMAGE_ENV, image::IMAGE)
+                .env("CONTAINERS_CONF", conf);
+        }
+        cmd.args(["test", "-p", NODE_TESTS_PACKAGE, "--", "--test-threads=2"])
             .args(filter);
         let fix = format!(
             "fix the failing tests above; rerun one with `NODEMESH_BIN_DIR={} cargo test -p \

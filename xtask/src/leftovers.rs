@@ -1,6 +1,7 @@
 //! What the node tests leave in the kernel when they crash: network namespaces, cgroups,
 //! bpffs pins and programs attached to those cgroups, all named `nodemesh-sim-<label>-<pid>-<n>`
-//! by the `nodemesh-simnode` fixture (`<pid>` is the creating process).
+//! by the `nodemesh-simnode` fixture (`<pid>` is the creating process), and the podman
+//! containers of the image tests, `nmimg-<label>-<pid>-<n>` (`tests/src/container.rs`).
 //!
 //! One listing serves both the sweep before the node tests (remove what dead runs left) and
 //! the check after them (fail if this run left anything). An entry whose creator is still
@@ -22,6 +23,8 @@ use crate::util;
 
 /// The prefix of every kernel object a node test creates.
 pub const PREFIX: &str = "nodemesh-sim-";
+/// The prefix of the image tests' containers.
+pub const CONTAINER_PREFIX: &str = "nmimg-";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
@@ -30,6 +33,8 @@ pub enum Kind {
     BpffsPin,
     /// A BPF program attached to (a cgroup below) a `nodemesh-sim-*` cgroup.
     CgroupAttachment,
+    /// A podman container of the image tests.
+    Container,
 }
 
 /// Who made a leftover, from the pid in its name.
@@ -58,6 +63,7 @@ impl fmt::Display for Leftover {
             Kind::Cgroup => "cgroup",
             Kind::BpffsPin => "bpffs",
             Kind::CgroupAttachment => "attached bpf program(s) on",
+            Kind::Container => "container",
         };
         let owner = match self.owner {
             Owner::Dead(pid) => format!("creator pid {pid} gone"),
@@ -90,7 +96,9 @@ impl Places {
 /// The pid of the process that created `name` (`nodemesh-sim-<label>-<pid>-<n>`): the
 /// second-to-last `-`-separated field. `None` for anything not in that shape.
 pub fn creator_pid(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix(PREFIX)?;
+    let rest = name
+        .strip_prefix(PREFIX)
+        .or_else(|| name.strip_prefix(CONTAINER_PREFIX))?;
     let mut fields = rest.rsplit('-');
     let (_n, pid) = (fields.next()?, fields.next()?);
     pid.parse().ok().filter(|&pid| pid > 0)
@@ -156,6 +164,18 @@ pub fn list(places: &Places) -> anyhow::Result<Vec<Leftover>> {
             });
         }
     }
+    if places.system_tools && find_in_path("podman") {
+        let names =
+            util::stdout(Command::new("podman").args(["ps", "--all", "--format", "{{.Names}}"]))
+                .context("cannot list podman containers")?;
+        for name in names.lines().filter(|n| n.starts_with(CONTAINER_PREFIX)) {
+            found.push(Leftover {
+                kind: Kind::Container,
+                owner: owner_of(name),
+                location: name.to_owned(),
+            });
+        }
+    }
     found.sort_by(|a, b| (a.kind, &a.location).cmp(&(b.kind, &b.location)));
     Ok(found)
 }
@@ -175,6 +195,20 @@ pub fn sweep(leftovers: &[Leftover]) -> anyhow::Result<Vec<String>> {
         Ok(()) => removed.push(what.to_string()),
         Err(e) => failed.push(format!("{what}: {e:#}")),
     };
+    // First: a stale agent container holds pins and attachments of its node.
+    for l in stale(Kind::Container) {
+        note(
+            l,
+            util::stdout(Command::new("podman").args([
+                "rm",
+                "--force",
+                "--time",
+                "0",
+                &l.location,
+            ]))
+            .map(drop),
+        );
+    }
     for l in stale(Kind::Cgroup) {
         if let Err(e) = kill_cgroup(Path::new(&l.location)) {
             println!("    note: {l}: {e:#}");

@@ -5,6 +5,7 @@
 //!   nightly's LLVM, Debian packages, bpffs, a PyPI virtualenv); idempotent.
 //! - `build [--release]`: setup, then every host binary (kernel programs embedded).
 //! - `test [--unit] [--filter NAME] [--skip-setup]`: everything CI runs (`.ci/run`).
+//! - `image`: setup, then the container image with podman, base images made locally.
 //! - `demo`, `bench`: setup, release build, then the demo or the benchmarks.
 //! - `fuzz [--seconds N]`: every cargo-fuzz target under `fuzz/` for N seconds each.
 //!
@@ -18,6 +19,7 @@ mod cmd_build;
 mod cmd_test;
 mod demo;
 mod fuzz;
+mod image;
 mod leftovers;
 mod setup;
 mod steps;
@@ -64,6 +66,11 @@ enum Cmd {
         #[arg(long, value_name = "NAME")]
         filter: Option<String>,
         /// Do not run setup first.
+        #[arg(long)]
+        skip_setup: bool,
+    },
+    /// Setup, then the container image (deploy/Dockerfile) with podman, without a registry.
+    Image {
         #[arg(long)]
         skip_setup: bool,
     },
@@ -157,6 +164,16 @@ fn run(cmd: Cmd, steps: &mut Steps) -> anyhow::Result<()> {
                 skip_setup,
             },
         ),
+        Cmd::Image { skip_setup } => {
+            setup(steps, skip_setup)?;
+            let conf = image::build(&ws, steps)?;
+            println!(
+                "    run it with: CONTAINERS_CONF={} podman run --rm {} --version",
+                conf.display(),
+                image::IMAGE
+            );
+            Ok(())
+        }
         Cmd::Demo {
             keep,
             debug,

