@@ -242,6 +242,9 @@ pub(crate) async fn forward(
     };
 
     let h2 = use_h2(&cluster, ctx.downstream_h2) && upgrade.is_none();
+    // A request that may be retried keeps its head for the next attempt; one that may not
+    // gives it to its only attempt (no copy of the header map).
+    let mut head = Some(parts);
     let mut attempt: u32 = 0;
     let result = loop {
         attempt += 1;
@@ -255,7 +258,19 @@ pub(crate) async fn forward(
                 None => break Err(Failure::Upstream(UpstreamError::Overflow)),
             },
         };
-        let mut req = Request::from_parts(clone_parts(&parts), body);
+        let parts = match (retries_allowed, head.take()) {
+            (0, Some(mut only)) => {
+                only.extensions.clear();
+                only
+            }
+            (_, Some(kept)) => {
+                let parts = clone_parts(&kept);
+                head = Some(kept);
+                parts
+            }
+            (_, None) => break Err(Failure::Upstream(UpstreamError::Overflow)),
+        };
+        let mut req = Request::from_parts(parts, body);
         if target.selected.virtual_host.include_request_attempt_count {
             req.headers_mut()
                 .insert("x-envoy-attempt-count", HeaderValue::from(attempt));
