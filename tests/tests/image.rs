@@ -119,13 +119,7 @@ fn image_agent_runs_as_the_daemonset_runs_it() {
     let image = container::image();
     let ds = DaemonSetPod::from_manifest(AGENT_DS, "agent").expect("daemonset.yaml");
     let node = SimNode::new("image").expect("node");
-    let config_dir = node.work_dir().join("configmap");
-    std::fs::create_dir_all(&config_dir).expect("configmap dir");
-    std::fs::write(
-        config_dir.join("agent.yaml"),
-        node_config(&node, "deploy/kustomize/base/agent.yaml", true),
-    )
-    .expect("agent.yaml");
+    let config_dir = configmap(&node, "configmap", "deploy/kustomize/base/agent.yaml", true);
     let host_dirs = BTreeMap::from([("config", config_dir.clone()), ("run", node.run_dir())]);
     let downward = BTreeMap::from([
         ("NODE_NAME", node.id().to_owned()),
@@ -198,13 +192,12 @@ fn image_agent_runs_as_the_daemonset_runs_it() {
     // The cleanup DaemonSet: its init container's command, security context and mounts,
     // with its own ConfigMap (the installed agent's paths).
     let cleanup = DaemonSetPod::from_manifest(CLEANUP_DS, "cleanup").expect("cleanup ds");
-    let cleanup_dir = node.work_dir().join("cleanup-configmap");
-    std::fs::create_dir_all(&cleanup_dir).expect("configmap dir");
-    std::fs::write(
-        cleanup_dir.join("agent.yaml"),
-        node_config(&node, "deploy/kustomize/cleanup/agent.yaml", false),
-    )
-    .expect("agent.yaml");
+    let cleanup_dir = configmap(
+        &node,
+        "cleanup-configmap",
+        "deploy/kustomize/cleanup/agent.yaml",
+        false,
+    );
     let cleanup_dirs = BTreeMap::from([("config", cleanup_dir), ("run", node.run_dir())]);
     let mut run_args = vec![
         "--rm".to_owned(),
@@ -244,6 +237,15 @@ fn image_agent_runs_as_the_daemonset_runs_it() {
         "registry state removed"
     );
     node.cleanup().expect("teardown");
+}
+
+/// [`node_config`] written as `agent.yaml` in the node's folder `dir`, mounted as the
+/// ConfigMap.
+fn configmap(node: &SimNode, dir: &str, manifest: &str, agent: bool) -> std::path::PathBuf {
+    let dir = node.work_dir().join(dir);
+    std::fs::create_dir_all(&dir).expect("configmap dir");
+    std::fs::write(dir.join("agent.yaml"), node_config(node, manifest, agent)).expect("agent.yaml");
+    dir
 }
 
 /// A shipped ConfigMap (`manifest`) for this node: its cgroup and bpffs folder instead of

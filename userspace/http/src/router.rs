@@ -258,17 +258,14 @@ pub(crate) async fn forward(
                 None => break Err(Failure::Upstream(UpstreamError::Overflow)),
             },
         };
-        let parts = match (retries_allowed, head.take()) {
-            (0, Some(mut only)) => {
-                only.extensions.clear();
-                only
-            }
-            (_, Some(kept)) => {
-                let parts = clone_parts(&kept);
-                head = Some(kept);
-                parts
-            }
-            (_, None) => break Err(Failure::Upstream(UpstreamError::Overflow)),
+        let parts = if retries_allowed == 0 {
+            let mut only = head
+                .take()
+                .expect("without retries the first attempt is the only one");
+            only.extensions.clear();
+            only
+        } else {
+            clone_parts(head.as_ref().expect("the head is kept for retries"))
         };
         let mut req = Request::from_parts(parts, body);
         if target.selected.virtual_host.include_request_attempt_count {

@@ -135,29 +135,6 @@ pub struct HttpLabels {
     pub connection_security_policy: &'static str,
 }
 
-impl HttpLabels {
-    pub fn new(
-        source: Workload<'_>,
-        destination: Workload<'_>,
-        service: Option<&str>,
-        grpc: bool,
-        response_code: u16,
-        grpc_status: Option<&str>,
-        flags: Option<&'static str>,
-    ) -> Self {
-        RequestLabels::new(
-            source,
-            destination,
-            service,
-            grpc,
-            response_code,
-            grpc_status,
-            flags,
-        )
-        .to_labels()
-    }
-}
-
 /// One request's labels, borrowed from the request: what [`HttpMetrics::record`] finds the
 /// request's series by, so that a request allocates no label strings once its label set
 /// has been seen.
@@ -214,12 +191,16 @@ impl<'a> RequestLabels<'a> {
             destination_principal: self.destination.principal.to_owned(),
             destination_service: self.service.to_owned(),
             destination_service_name: self.service.to_owned(),
-            request_protocol: if self.grpc { "grpc" } else { "http" },
+            request_protocol: self.protocol(),
             response_code: self.response_code,
             grpc_response_status: self.grpc_status.to_owned(),
             response_flags: self.flags,
             connection_security_policy: "none",
         }
+    }
+
+    fn protocol(&self) -> &'static str {
+        if self.grpc { "grpc" } else { "http" }
     }
 
     /// Whether `labels` is this label set.
@@ -229,7 +210,7 @@ impl<'a> RequestLabels<'a> {
         };
         self.response_code == labels.response_code
             && self.flags == labels.response_flags
-            && (if self.grpc { "grpc" } else { "http" }) == labels.request_protocol
+            && self.protocol() == labels.request_protocol
             && self.service == labels.destination_service
             && self.grpc_status == labels.grpc_response_status
             && workload(
