@@ -11,16 +11,19 @@
 //! 6. the registry API, the Kubernetes pod source when `kubernetes.enabled` (it feeds the
 //!    same registry), admin, and the handoff socket for the next agent; ready.
 //!
-//! Runtimes (the ztunnel arrangement): a multi-threaded *data-plane* runtime runs only the
-//! proxy; admin, the registry API and the handoff run on a single-threaded *control*
-//! runtime on the main thread, so a slow scrape or a burst of registry calls cannot add
-//! latency to proxied traffic.
+//! Runtimes (the ztunnel arrangement, with Envoy's workers): the *data plane* is one
+//! single-threaded runtime per worker thread ([`nodemesh_http::workers`]; a connection and
+//! its upstream connections live on one worker, so a request never wakes another thread),
+//! running only the proxy; admin, the registry API and the handoff run on a
+//! single-threaded *control* runtime on the main thread, so a slow scrape or a burst of
+//! registry calls cannot add latency to proxied traffic.
 use std::{
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
+use nodemesh_http::workers::Workers;
 use nodemesh_loader::{
     Datapath, DatapathConfig,
     maps::{OrigDstMap, PodMap},
@@ -29,7 +32,6 @@ use nodemesh_proxy::{Outbound, handoff, metrics::ProxyMetrics, orig_dst::KernelO
 use nodemesh_workloads::{Registry, RegistryConfig, api::RegistryService};
 use tokio::{
     net::{TcpListener, UnixListener},
-    runtime::Handle,
     signal::unix::{SignalKind, signal},
     sync::{Mutex, watch},
 };
@@ -50,18 +52,14 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         0 => std::thread::available_parallelism().map_or(2, usize::from),
         n => n,
     };
-    let dataplane = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name("nm-dataplane")
-        .enable_all()
-        .build()
-        .context("starting the data-plane runtime")?;
+    let dataplane =
+        Workers::start(workers, "nm-dataplane").context("starting the data-plane workers")?;
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the control runtime")?;
-    let result = control.block_on(agent(cfg, dataplane.handle().clone()));
-    dataplane.shutdown_timeout(Duration::from_secs(1));
+    let result = control.block_on(agent(cfg, dataplane.clone()));
+    dataplane.shutdown(Duration::from_secs(1));
     result
 }
 
@@ -90,7 +88,7 @@ pub fn cleanup(cfg: &AgentConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn agent(cfg: AgentConfig, data: Handle) -> anyhow::Result<()> {
+async fn agent(cfg: AgentConfig, data: Workers) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.run_dir)
         .with_context(|| format!("creating the run directory {}", cfg.run_dir.display()))?;
 
@@ -142,6 +140,7 @@ async fn agent(cfg: AgentConfig, data: Handle) -> anyhow::Result<()> {
     // 4. The pod registry.
     let mut metrics = prometheus_client::registry::Registry::default();
     metrics.register_collector(Box::new(EbpfCollector::new(pin_dir.clone())));
+    data.register(&mut metrics);
     let selector = cfg.selector().context("namespace_selector")?;
     let mut registry = Registry::new(
         RegistryConfig {
@@ -190,11 +189,11 @@ async fn agent(cfg: AgentConfig, data: Handle) -> anyhow::Result<()> {
             .with_context(|| format!("binding the proxy listener {}", cfg.proxy.listen))?,
     };
     let (stop_accept, stop_accept_rx) = watch::channel(false);
-    let accept = data.spawn({
-        let outbound = outbound.clone();
+    let accept = data.home().spawn({
+        let (outbound, workers) = (outbound.clone(), data.clone());
         async move {
             let listener = TcpListener::from_std(listener)?;
-            Ok::<_, std::io::Error>(outbound.serve(listener, stop_accept_rx).await)
+            Ok::<_, std::io::Error>(outbound.serve(listener, workers, stop_accept_rx).await)
         }
     });
     if let Some(p) = predecessor.take() {
@@ -314,7 +313,7 @@ async fn agent(cfg: AgentConfig, data: Handle) -> anyhow::Result<()> {
             None
         }
     };
-    let _guard = data.enter();
+    let _guard = data.home().enter();
     let listener = listener.and_then(|l| l.into_std().ok());
 
     match stopping {
@@ -500,7 +499,7 @@ fn start_l7(
     cfg: &AgentConfig,
     l7: &nodemesh_proxy::config::L7Config,
     table: &nodemesh_workloads::SharedPodTable,
-    data: &Handle,
+    data: &Workers,
     metrics: &mut prometheus_client::registry::Registry,
 ) -> anyhow::Result<Arc<nodemesh_http::Engine>> {
     let reading = || format!("reading proxy.l7.bootstrap {}", l7.bootstrap.display());
@@ -548,7 +547,7 @@ fn start_l7(
         table.clone(),
         cfg.proxy.mark,
     ));
-    let _runtime = data.enter();
+    let _runtime = data.home().enter();
     let engine = nodemesh_http::Engine::new(snapshot, connector, limits, metrics);
     engine.set_close_denied_on_update(l7.close_denied_on_update);
     if let Some(queue) = l7.access_log_queue {

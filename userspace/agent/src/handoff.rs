@@ -15,11 +15,12 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use nodemesh_http::workers::Workers;
 use nodemesh_proxy::{
     Connection, Outbound,
     handoff::{Channel, Message, VERSION},
 };
-use tokio::{net::TcpStream, runtime::Handle};
+use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 /// How long the new agent waits for the old one to answer.
@@ -71,8 +72,9 @@ impl Predecessor {
         }
     }
 
-    /// Receives the parked connections in the background and resumes each on `data`.
-    pub fn receive_connections(self, outbound: Arc<Outbound>, data: Handle) {
+    /// Receives the parked connections in the background and resumes each on one of
+    /// `workers`.
+    pub fn receive_connections(self, outbound: Arc<Outbound>, workers: Workers) {
         std::thread::Builder::new()
             .name("nm-handoff".into())
             .spawn(move || {
@@ -86,7 +88,7 @@ impl Predecessor {
                             };
                             taken += 1;
                             let outbound = outbound.clone();
-                            data.spawn(async move {
+                            workers.spawn_counted(async move {
                                 let streams = TcpStream::from_std(std::net::TcpStream::from(client))
                                     .and_then(|c| Ok((c, TcpStream::from_std(std::net::TcpStream::from(upstream))?)));
                                 match streams {

@@ -43,6 +43,7 @@ mod steering;
 pub mod tcp;
 pub mod tenant;
 pub mod upstream;
+pub mod workers;
 
 use std::{collections::HashMap, fmt, io, net::SocketAddr, pin::Pin, sync::Arc};
 

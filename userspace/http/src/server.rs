@@ -34,7 +34,10 @@ use prometheus_client::{
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{info, warn};
 
-use crate::{Accepted, DirectConnector, Drain, Engine, Source, TenantLimits, UpdateSummary, admin};
+use crate::{
+    Accepted, DirectConnector, Drain, Engine, Source, TenantLimits, UpdateSummary, admin,
+    workers::Workers,
+};
 
 /// Envoy's `--drain-time-s` default.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(600);
@@ -50,6 +53,8 @@ pub struct Standalone {
     bound: HashMap<String, Bound>,
     bind_failures: Family<ListenerLabel, Counter>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Where accepted connections are served.
+    workers: Workers,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -119,17 +124,21 @@ pub struct Applied {
     pub clusters: UpdateSummary,
 }
 
-/// Binds every listener with `bind_to_port` (and the admin address) and serves them.
-/// Unlike [`Standalone::apply`], any bind failure fails the start (as Envoy's does).
+/// Binds every listener with `bind_to_port` (and the admin address) and serves them, all on
+/// the caller's runtime. Unlike [`Standalone::apply`], any bind failure fails the start (as
+/// Envoy's does).
 pub async fn start(snapshot: Snapshot, limits: TenantLimits) -> std::io::Result<Standalone> {
-    start_with(snapshot, limits, Registry::default()).await
+    start_with(snapshot, limits, Registry::default(), Workers::current()).await
 }
 
-/// [`start`], with metrics registered elsewhere (an xDS client's) on the admin port too.
+/// [`start`], with metrics registered elsewhere (an xDS client's) on the admin port too,
+/// and accepted connections served on `workers` (the accept loops, the admin endpoint and
+/// configuration updates stay on the caller's runtime).
 pub async fn start_with(
     snapshot: Snapshot,
     limits: TenantLimits,
     mut registry: Registry,
+    workers: Workers,
 ) -> std::io::Result<Standalone> {
     let admin_addr = snapshot.admin;
     let to_bind: Vec<_> = snapshot
@@ -151,6 +160,7 @@ pub async fn start_with(
         "Listeners a configuration update could not bind",
         bind_failures.clone(),
     );
+    workers.register(&mut registry);
     let registry = Arc::new(registry);
     let mut running = Standalone {
         engine: engine.clone(),
@@ -159,14 +169,17 @@ pub async fn start_with(
         bound: HashMap::new(),
         bind_failures,
         tasks: Vec::new(),
+        workers,
     };
     for config in to_bind {
-        let bound = bind(&engine, &config).await.map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("listener {:?} on {}: {e}", config.name, config.address),
-            )
-        })?;
+        let bound = bind(&engine, &config, &running.workers)
+            .await
+            .map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("listener {:?} on {}: {e}", config.name, config.address),
+                )
+            })?;
         running.bound.insert(config.name.clone(), bound);
         running
             .listeners
@@ -207,7 +220,7 @@ impl Standalone {
                     applied.kept.push(config.name.clone());
                     bound.insert(config.name.clone(), live);
                 }
-                live => match bind(&self.engine, config).await {
+                live => match bind(&self.engine, config, &self.workers).await {
                     Ok(new) => {
                         applied.bound.push((config.name.clone(), new.local));
                         if let Some(old) = live {
@@ -259,8 +272,13 @@ impl Standalone {
     }
 }
 
-/// Binds `config` and serves it until the returned accept task is aborted.
-async fn bind(engine: &Arc<Engine>, config: &Arc<Listener>) -> std::io::Result<Bound> {
+/// Binds `config` and serves it until the returned accept task is aborted; each accepted
+/// connection is served on one of `workers`.
+async fn bind(
+    engine: &Arc<Engine>,
+    config: &Arc<Listener>,
+    workers: &Workers,
+) -> std::io::Result<Bound> {
     let socket = TcpListener::bind(config.address).await?;
     let local = socket.local_addr()?;
     info!(listener = %config.name, address = %local, "listening");
@@ -268,6 +286,7 @@ async fn bind(engine: &Arc<Engine>, config: &Arc<Listener>) -> std::io::Result<B
     let (close, close_rx) = watch::channel(false);
     let engine = engine.clone();
     let fallback = config.clone();
+    let workers = workers.clone();
     let accept = tokio::spawn(async move {
         loop {
             let (stream, peer) = match socket.accept().await {
@@ -293,13 +312,11 @@ async fn bind(engine: &Arc<Engine>, config: &Arc<Listener>) -> std::io::Result<B
                 destination,
                 source: Source::peer(peer),
             };
-            let serve = engine
-                .clone()
-                .serve_draining(stream, accepted, drain.clone());
+            let (engine, drain) = (engine.clone(), drain.clone());
             let mut close = close_rx.clone();
-            tokio::spawn(async move {
+            workers.spawn_connection(stream, move |stream| async move {
                 tokio::select! {
-                    () = serve => {}
+                    () = engine.serve_draining(stream, accepted, drain) => {}
                     // Dropping the connection's future closes its socket.
                     _ = close.wait_for(|c| *c) => {}
                 }

@@ -528,3 +528,64 @@ async fn a_request_body_slower_than_request_timeout_gets_408() {
     // A request sent in time is not affected.
     assert_eq!(get(addr, "h", "/", &[]).await.status, 200);
 }
+
+/// Connections served by different workers keep to their own upstream pools: a pooled
+/// connection never carries a request of another worker's thread (which would wake that
+/// thread for every request), and within a worker it is reused.
+#[tokio::test]
+async fn each_worker_reuses_its_own_upstream_connections() {
+    let a = Switchable::start().await;
+    let cluster = r#"  - name: c
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: c
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {a} } } }
+"#;
+    let yaml = listener("", cluster).replace("{a}", &a.addr.port().to_string());
+    let workers = nodemesh_http::workers::Workers::start(2, "nm-t-pool").expect("workers");
+    let running = nodemesh_http::server::start_with(
+        common::snapshot(&yaml),
+        TenantLimits::default(),
+        prometheus_client::registry::Registry::default(),
+        workers.clone(),
+    )
+    .await
+    .expect("proxy starts");
+    let addr = running.listeners[0].1;
+    // Two kept-alive client connections, open together: one on each worker.
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        clients.push(sender);
+    }
+    for _ in 0..3 {
+        for sender in &mut clients {
+            let req = Request::get("/")
+                .header("host", "h")
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            let got = common::read(sender.send_request(req).await.expect("response")).await;
+            assert_eq!(got.status, 200);
+            // Let the upstream connection return to its pool.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(workers.connections(), vec![1, 1]);
+    assert_eq!(a.requests.load(Ordering::SeqCst), 6);
+    // One shared pool would have carried all six on one connection.
+    assert_eq!(a.connections.load(Ordering::SeqCst), 2, "one per worker");
+    let text = metrics(&running).await;
+    assert!(
+        text.contains("nodemesh_worker_connections{worker=\"1\"} 1"),
+        "{text}"
+    );
+    drop(clients);
+    drop(running);
+    workers.shutdown(Duration::from_secs(1));
+}

@@ -135,15 +135,20 @@ pub fn proxy(
         .with_context(|| format!("reading {}", path.display()))?;
     let snapshot = report(path, start.translated)?;
     let xds = start.xds;
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = concurrency {
-        rt.worker_threads(n.max(1));
-    }
-    let rt = rt.enable_all().build()?;
-    rt.block_on(async {
+    // Envoy's threading: connections on `concurrency` workers, each a single-threaded
+    // runtime; accepting, admin and xDS on the main thread's.
+    let workers =
+        concurrency.unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from));
+    let workers = nodemesh_http::workers::Workers::start(workers, "nm-worker")
+        .context("starting the worker threads")?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let served = rt.block_on(async {
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = nodemesh_xds::client::Metrics::register(&mut registry);
-        let running = nodemesh_http::server::start_with(snapshot, limits, registry).await?;
+        let running =
+            nodemesh_http::server::start_with(snapshot, limits, registry, workers.clone()).await?;
         for (name, addr) in &running.listeners {
             eprintln!("listener {name} on {addr}");
         }
@@ -184,5 +189,7 @@ pub fn proxy(
         eprintln!("shutting down");
         drop(running);
         anyhow::Ok(())
-    })
+    });
+    workers.shutdown(std::time::Duration::from_secs(1));
+    served
 }

@@ -17,6 +17,7 @@ use std::{
     time::Duration,
 };
 
+use nodemesh_http::workers::Workers;
 use nodemesh_telemetry::istio::{TcpLabels, UNKNOWN, Workload};
 use nodemesh_workloads::{SharedPodTable, pod::PodInfo};
 use socket2::{Domain, SockRef};
@@ -123,10 +124,12 @@ impl Outbound {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Accepts until `stop` turns true, then returns the listener (for a handoff).
+    /// Accepts until `stop` turns true, then returns the listener (for a handoff). Each
+    /// accepted connection is relayed on one of `workers`.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
+        workers: Workers,
         mut stop: watch::Receiver<bool>,
     ) -> TcpListener {
         info!(addr = ?listener.local_addr().ok(), "outbound listener serving");
@@ -140,7 +143,7 @@ impl Outbound {
                 Ok((stream, client)) => {
                     self.metrics.accepted.inc();
                     let this = self.clone();
-                    tokio::spawn(async move { this.handle(stream, client).await });
+                    workers.spawn_connection(stream, move |stream| this.handle(stream, client));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning on the error.

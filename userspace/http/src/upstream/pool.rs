@@ -7,6 +7,10 @@
 //! request (it is opened in that pod's network namespace, so the destination sees the
 //! pod's address), hence the source in the key; a standalone proxy has one source.
 //!
+//! Pools are per data-plane worker ([`crate::workers`]): a connection, its task and the
+//! requests it carries all stay on the worker that opened it, as in Envoy, so a request
+//! never wakes another thread; a cluster thus holds up to one connection set per worker.
+//!
 //! Circuit breakers: opening a connection takes a `max_connections` slot for its life, and
 //! waiting for one takes a `max_pending_requests` slot.
 use std::{
@@ -41,6 +45,8 @@ struct Key {
     addr: SocketAddr,
     h2: bool,
     source: u64,
+    /// The worker whose runtime runs the connection's task.
+    worker: usize,
 }
 
 #[derive(Debug)]
@@ -116,6 +122,7 @@ impl ClusterState {
             } else {
                 0
             },
+            worker: crate::workers::current(),
         };
         if h2 {
             let mut sender = self.h2_sender(key, source, connector).await?;
