@@ -557,8 +557,10 @@ fn start_l7(
         .reporter()
         .set_workloads(Arc::new(nodemesh_proxy::outbound::PodNames(table.clone())));
     info!(bootstrap = %l7.bootstrap.display(), listeners = engine.state().snapshot.listeners.len(), "L7 proxy configured");
-    if let Some(client) = ads {
-        follow_control_plane(&engine, client, metrics);
+    match ads {
+        Some(client) => follow_control_plane(&engine, client, metrics),
+        // Static configuration only: Envoy's API is not read again.
+        None => nodemesh_config::pool::release(),
     }
     Ok(engine)
 }

@@ -206,7 +206,8 @@ impl Default for HandoffConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
-    /// Worker threads of the data-plane runtime; 0 = one per CPU.
+    /// Data-plane worker threads, each running its own single-threaded runtime (a
+    /// connection stays on one); 0 = one per CPU.
     pub worker_threads: usize,
 }
 

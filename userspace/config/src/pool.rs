@@ -4,22 +4,36 @@
 //! lowerCamelCase, durations as strings ("0.250s"), wrapper types as plain values, and typed
 //! extensions as `Any` with an inline `"@type"`. prost-reflect implements that mapping from a
 //! descriptor pool; the result is transcoded into envoy-types' generated structs.
-use std::sync::OnceLock;
+//!
+//! The decoded pool takes about 2 MiB of heap. A proxy that read a static bootstrap and
+//! follows no control plane never needs it again: [`release`] lets it go (it is decoded
+//! again, in a few milliseconds, if a later caller asks).
+use std::sync::Mutex;
 
 use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, MessageDescriptor};
 
 use crate::ConfigError;
 
-static POOL: OnceLock<DescriptorPool> = OnceLock::new();
+static POOL: Mutex<Option<DescriptorPool>> = Mutex::new(None);
 
-/// Every Envoy message type nodemesh can read (see build.rs for the roots).
-pub fn pool() -> &'static DescriptorPool {
-    POOL.get_or_init(|| {
-        DescriptorPool::decode(
-            &include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptors.bin"))[..],
-        )
-        .unwrap_or_else(|e| panic!("the embedded Envoy descriptor set is corrupt: {e}"))
-    })
+/// Every Envoy message type nodemesh can read (see build.rs for the roots). A handle:
+/// cheap to clone, and what it (or any descriptor or message from it) holds stays alive.
+pub fn pool() -> DescriptorPool {
+    POOL.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(|| {
+            DescriptorPool::decode(
+                &include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptors.bin"))[..],
+            )
+            .unwrap_or_else(|e| panic!("the embedded Envoy descriptor set is corrupt: {e}"))
+        })
+        .clone()
+}
+
+/// Drops the shared pool; its memory is freed once no descriptor or message from it is
+/// left. For a process done with reading Envoy's API (a static bootstrap, translated).
+pub fn release() {
+    POOL.lock().unwrap_or_else(|p| p.into_inner()).take();
 }
 
 /// The descriptor of `full_name` (e.g. `envoy.config.bootstrap.v3.Bootstrap`).
@@ -90,6 +104,33 @@ fn is_any_field(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_released_pool_keeps_what_was_taken_from_it_and_comes_back_when_asked() {
+        let held = message("envoy.config.cluster.v3.Cluster").expect("type");
+        release();
+        // A descriptor taken before still decodes ...
+        let cluster =
+            DynamicMessage::decode(held.clone(), &[0x0a, 0x01, b'c'][..]).expect("decode");
+        assert_eq!(
+            cluster
+                .get_field_by_name("name")
+                .and_then(|v| v.as_str().map(str::to_owned)),
+            Some("c".to_owned())
+        );
+        // ... and the next caller gets the same types from a new pool.
+        let again = parse("name: c", "envoy.config.cluster.v3.Cluster").expect("parse");
+        assert_eq!(
+            prost_reflect::ReflectMessage::descriptor(&again).full_name(),
+            held.full_name()
+        );
+        assert_eq!(
+            again
+                .get_field_by_name("name")
+                .and_then(|v| v.as_str().map(str::to_owned)),
+            Some("c".to_owned())
+        );
+    }
 
     #[test]
     fn parses_a_bootstrap_with_typed_extensions() {

@@ -155,7 +155,11 @@ pub fn proxy(
         if let Some(admin) = running.admin {
             eprintln!("admin on {admin}");
         }
-        // The bootstrap's parse is over: give its memory back.
+        // The bootstrap's parse is over: give its memory back (with Envoy's type
+        // descriptors, unless a control plane will send more).
+        if xds.is_none() {
+            nodemesh_config::pool::release();
+        }
         nodemesh_config::memory::release_free_memory();
         let engine = running.engine.clone();
         let running = std::sync::Arc::new(tokio::sync::Mutex::new(running));
