@@ -194,17 +194,16 @@ impl Workers {
             self.spawn_counted(serve(stream));
             return;
         }
-        let peer = stream.peer_addr().ok();
         let std = match stream.into_std() {
             Ok(s) => s,
             Err(e) => {
-                return warn!(?peer, error = %e, "cannot move an accepted connection to a worker");
+                return warn!(error = %e, "cannot move an accepted connection to a worker");
             }
         };
         self.spawn_counted(async move {
             match TcpStream::from_std(std) {
                 Ok(stream) => serve(stream).await,
-                Err(e) => warn!(?peer, worker = current(), error = %e, "cannot register an accepted connection on its worker"),
+                Err(e) => warn!(worker = current(), error = %e, "cannot register an accepted connection on its worker"),
             }
         });
     }
