@@ -20,7 +20,7 @@ use common::{Upstream, get};
 use http::{Request, Response};
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use nodemesh_http::{TenantLimits, server::Standalone};
+use nodemesh_http::{TenantLimits, server::Standalone, workers::Workers};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
@@ -28,19 +28,20 @@ use tokio::{
 
 /// Starts the proxy on `yaml` with `{name}` placeholders replaced by ports.
 async fn proxy(yaml: &str, ports: &[(&str, u16)]) -> (Standalone, SocketAddr) {
+    proxy_on(yaml, ports, Workers::current()).await
+}
+
+/// [`proxy`], serving its connections on `workers`.
+async fn proxy_on(yaml: &str, ports: &[(&str, u16)], workers: Workers) -> (Standalone, SocketAddr) {
     let mut text = yaml.to_owned();
     for (name, port) in ports {
         text = text.replace(&format!("{{{name}}}"), &port.to_string());
     }
-    let translated = nodemesh_config::load_bootstrap(&text).expect("bootstrap parses");
-    assert!(
-        translated.diagnostics.errors.is_empty(),
-        "{:?}",
-        translated.diagnostics.errors
-    );
-    let running = nodemesh_http::server::start(
-        translated.snapshot.expect("snapshot"),
+    let running = nodemesh_http::server::start_with(
+        common::snapshot(&text),
         TenantLimits::default(),
+        prometheus_client::registry::Registry::default(),
+        workers,
     )
     .await
     .expect("proxy starts");
@@ -62,6 +63,16 @@ fn metric(text: &str, prefix: &str) -> f64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// Cluster `c` with the one endpoint `{a}`.
+const ONE_ENDPOINT: &str = r#"  - name: c
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: c
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {a} } } }
+"#;
 
 /// An upstream whose health endpoint and answers are switched by the test: it counts the
 /// connections it accepted and answers `/health` with 200 or 503, and everything else
@@ -368,14 +379,7 @@ fn get_headers(stream: u32) -> Vec<u8> {
 #[tokio::test]
 async fn http2_floods_end_the_flooding_connection_only() {
     let a = Upstream::start("a").await;
-    let cluster = r#"  - name: c
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: c
-      endpoints:
-      - lb_endpoints:
-        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {a} } } }
-"#;
+    let cluster = ONE_ENDPOINT;
     let (running, addr) = proxy(&listener("", cluster), &[("a", a.addr.port())]).await;
 
     // Rapid reset (CVE-2023-44487): open streams and cancel them at once.
@@ -445,14 +449,7 @@ async fn http2_floods_end_the_flooding_connection_only() {
 #[tokio::test]
 async fn slow_headers_are_cut_but_idle_keep_alive_waits_for_the_idle_timeout() {
     let a = Upstream::start("a").await;
-    let cluster = r#"  - name: c
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: c
-      endpoints:
-      - lb_endpoints:
-        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {a} } } }
-"#;
+    let cluster = ONE_ENDPOINT;
     let hcm = "          request_headers_timeout: 0.3s\n          common_http_protocol_options: { idle_timeout: 1.2s }";
     let (running, addr) = proxy(&listener(hcm, cluster), &[("a", a.addr.port())]).await;
 
@@ -503,14 +500,7 @@ async fn slow_headers_are_cut_but_idle_keep_alive_waits_for_the_idle_timeout() {
 #[tokio::test]
 async fn a_request_body_slower_than_request_timeout_gets_408() {
     let a = Upstream::start("a").await;
-    let cluster = r#"  - name: c
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: c
-      endpoints:
-      - lb_endpoints:
-        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {a} } } }
-"#;
+    let cluster = ONE_ENDPOINT;
     let hcm = "          request_timeout: 0.3s";
     let (_running, addr) = proxy(&listener(hcm, cluster), &[("a", a.addr.port())]).await;
     let mut s = TcpStream::connect(addr).await.expect("connect");
@@ -535,25 +525,14 @@ async fn a_request_body_slower_than_request_timeout_gets_408() {
 #[tokio::test]
 async fn each_worker_reuses_its_own_upstream_connections() {
     let a = Switchable::start().await;
-    let cluster = r#"  - name: c
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: c
-      endpoints:
-      - lb_endpoints:
-        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {a} } } }
-"#;
-    let yaml = listener("", cluster).replace("{a}", &a.addr.port().to_string());
-    let workers = nodemesh_http::workers::Workers::start(2, "nm-t-pool").expect("workers");
-    let running = nodemesh_http::server::start_with(
-        common::snapshot(&yaml),
-        TenantLimits::default(),
-        prometheus_client::registry::Registry::default(),
+    let cluster = ONE_ENDPOINT;
+    let workers = Workers::start(2, "nm-t-pool").expect("workers");
+    let (running, addr) = proxy_on(
+        &listener("", cluster),
+        &[("a", a.addr.port())],
         workers.clone(),
     )
-    .await
-    .expect("proxy starts");
-    let addr = running.listeners[0].1;
+    .await;
     // Two kept-alive client connections, open together: one on each worker.
     let mut clients = Vec::new();
     for _ in 0..2 {
