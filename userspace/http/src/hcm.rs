@@ -350,7 +350,7 @@ fn finish(
 /// Selects the route and runs its action. Returns the response and the route's stats label.
 async fn dispatch(
     ctx: &ConnCtx,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     grpc: bool,
 ) -> (Response<RespBody>, Option<String>) {
     let state = ctx.engine.state();
@@ -408,7 +408,6 @@ async fn dispatch(
             .flatten()
     });
     let mut added_response_headers = Vec::new();
-    let mut req = req;
     if let Some(filters) = filters {
         let cluster = selected.and_then(|s| match &s.route.action {
             RouteAction::Forward(f) => match &f.target {
@@ -563,4 +562,30 @@ fn redirect_response(
     }
     r.extensions_mut().insert(Flag::Redirect);
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn future_size<A, B, F: Future>(_: impl FnOnce(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// A request's whole state is one future: hyper moves it into place for every HTTP/1.1
+    /// request and boxes it for every HTTP/2 stream, so each byte of it is copied per
+    /// request. Rare paths (opening an upstream connection) keep their state boxed, and an
+    /// `async fn` does not move a large argument into a local it then awaits beside (both
+    /// copies would stay in the state). 11.5 KiB before those two rules were applied,
+    /// 7 KiB after (the same in debug and release builds).
+    #[test]
+    fn a_request_future_stays_small() {
+        const LIMIT: usize = 8 * 1024;
+        let size = future_size(handle);
+        println!("hcm::handle future: {size} bytes");
+        assert!(
+            size <= LIMIT,
+            "a request's future grew to {size} bytes (limit {LIMIT}): box what a rare path awaits"
+        );
+    }
 }

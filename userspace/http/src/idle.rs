@@ -62,6 +62,12 @@ impl Activity {
         self.0.epoch
     }
 
+    /// When the stream is idle for `timeout` unless something moves first, counting only
+    /// what moved after `since` (`None` without a timeout).
+    pub fn idle_due(&self, since: Instant, timeout: Option<Duration>) -> Option<Instant> {
+        timeout.map(|t| self.last().max(since) + t)
+    }
+
     /// Resolves once nothing has moved for `timeout` (never with `None`).
     #[cfg(test)]
     pub async fn expired(&self, timeout: Option<Duration>) {

@@ -97,7 +97,7 @@ pub(crate) async fn forward(
     ctx: &ConnCtx,
     state: &State,
     target: Target<'_>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     grpc: bool,
 ) -> Response<RespBody> {
     let start = Instant::now();
@@ -121,7 +121,6 @@ pub(crate) async fn forward(
         return local::reply(503, Flag::Overloaded, "overloaded", grpc);
     };
     let vh = target.selected.virtual_host;
-    let mut req = req;
     // An internal client may steer timeouts and retries with x-envoy-* headers (external
     // requests had them removed by the connection manager).
     let steering = match req.extensions().get::<Origin>() {
@@ -442,7 +441,7 @@ pub(crate) async fn forward(
 async fn attempt_once(
     ctx: &ConnCtx,
     cluster: &Arc<ClusterState>,
-    req: Request<ReqBody>,
+    mut req: Request<ReqBody>,
     h2: bool,
     timers: &Timers,
     auto_host: bool,
@@ -480,12 +479,11 @@ async fn attempt_once(
     };
     host.active_requests.fetch_add(1, Ordering::Relaxed);
     let _pending = PendingGuard::new(cluster);
-    let mut req = req;
     if auto_host && !host.hostname.is_empty() {
         set_host(&mut req, &host.hostname, h2);
     }
     let send = cluster.send(&host, req, h2, &ctx.accepted.source, ctx.engine.connector());
-    let result = wait_response(send, limit, timers).await;
+    let result = wait_response(std::pin::pin!(send), limit, timers).await;
     host.active_requests.fetch_sub(1, Ordering::Relaxed);
     match &result {
         Err(Failure::Upstream(UpstreamError::Overflow)) | Err(Failure::NoHost) | Ok(_) => {}
@@ -495,43 +493,81 @@ async fn attempt_once(
 }
 
 /// Waits for the response headers of one attempt under every timer that applies.
-async fn wait_response(
-    send: impl Future<Output = Result<Response<Incoming>, UpstreamError>>,
+///
+/// `send` comes pinned by the caller so that its state lives once, in the caller's future
+/// (an `async fn` that moves its argument into a `select!` keeps both copies).
+async fn wait_response<F>(
+    send: Pin<&mut F>,
     limit: Option<Instant>,
     timers: &Timers,
-) -> Result<Response<Incoming>, Failure> {
-    // The per-try idle timer counts only what moved since this attempt started.
-    let per_try_idle = timers
-        .activity
-        .expired_since(tokio::time::Instant::now(), timers.per_try_idle);
-    let request_timeout = async {
-        match timers.request_deadline {
-            Some(at) => {
-                tokio::time::sleep_until(at.into()).await;
-                if timers.activity.request_complete() {
-                    // Disarmed: the request was received in time.
-                    std::future::pending::<()>().await;
-                }
-            }
-            None => std::future::pending().await,
-        }
-    };
-    let until = |at: Option<Instant>| async move {
-        match at {
-            Some(at) => tokio::time::sleep_until(at.into()).await,
-            None => std::future::pending().await,
-        }
-    };
+) -> Result<Response<Incoming>, Failure>
+where
+    F: Future<Output = Result<Response<Incoming>, UpstreamError>>,
+{
     tokio::select! {
+        biased;
         r = send => r.map_err(Failure::Upstream),
-        () = until(limit) => Err(Failure::PerTryTimeout),
-        () = until(timers.stream_deadline) => Err(Failure::StreamDuration),
-        () = per_try_idle => Err(Failure::PerTryTimeout),
-        () = timers.activity.expired_since(timers.activity.epoch(), timers.stream_idle) => {
-            Err(Failure::StreamIdle)
-        }
-        () = request_timeout => Err(Failure::RequestTimeout),
+        failure = first_expiry(limit, timers, tokio::time::Instant::now()) => Err(failure),
     }
+}
+
+/// Resolves with the first of an attempt's timers to expire (never, with none armed).
+///
+/// One tokio timer serves them all, re-armed for whichever deadline comes next: a request
+/// registers one timer entry instead of one per kind, and pushing an idle deadline later is
+/// an update in place, not a new registration.
+async fn first_expiry(
+    limit: Option<Instant>,
+    timers: &Timers,
+    attempt_started: tokio::time::Instant,
+) -> Failure {
+    let Some((due, _)) = next_expiry(limit, timers, attempt_started) else {
+        return std::future::pending().await;
+    };
+    let sleep = tokio::time::sleep_until(due);
+    tokio::pin!(sleep);
+    loop {
+        let Some((due, failure)) = next_expiry(limit, timers, attempt_started) else {
+            return std::future::pending().await;
+        };
+        if tokio::time::Instant::now() >= due {
+            return failure;
+        }
+        if sleep.deadline() != due {
+            sleep.as_mut().reset(due);
+        }
+        sleep.as_mut().await;
+    }
+}
+
+/// The earliest armed deadline of an attempt and the failure it means. The idle deadlines
+/// move with the stream's activity; `request_timeout` is disarmed once the request is in.
+fn next_expiry(
+    limit: Option<Instant>,
+    timers: &Timers,
+    attempt_started: tokio::time::Instant,
+) -> Option<(tokio::time::Instant, Failure)> {
+    let activity = &timers.activity;
+    let at = |i: Option<Instant>| i.map(tokio::time::Instant::from_std);
+    let request = timers
+        .request_deadline
+        .filter(|_| !activity.request_complete());
+    [
+        (at(limit), Failure::PerTryTimeout),
+        (at(timers.stream_deadline), Failure::StreamDuration),
+        (
+            activity.idle_due(attempt_started, timers.per_try_idle),
+            Failure::PerTryTimeout,
+        ),
+        (
+            activity.idle_due(activity.epoch(), timers.stream_idle),
+            Failure::StreamIdle,
+        ),
+        (at(request), Failure::RequestTimeout),
+    ]
+    .into_iter()
+    .filter_map(|(due, failure)| Some((due?, failure)))
+    .min_by_key(|(due, _)| *due)
 }
 
 /// Counts a request waiting on upstream in the cluster's pending gauge.

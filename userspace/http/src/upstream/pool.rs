@@ -124,13 +124,18 @@ impl ClusterState {
             },
             worker: crate::workers::current(),
         };
+        // Opening a connection is the rare path: its futures are boxed so that the state of
+        // every request (pooled, the common case) does not carry them.
         if h2 {
-            let mut sender = self.h2_sender(key, source, connector).await?;
+            let mut sender = match self.h2_pooled(key) {
+                Some(sender) => sender,
+                None => Box::pin(self.h2_connect(key, source, connector)).await?,
+            };
             return sender.send_request(req).await.map_err(UpstreamError::Reset);
         }
         let (mut sender, served) = match self.take_idle(key) {
             Some(reused) => reused,
-            None => (self.connect_h1(key, source, connector).await?, 0),
+            None => (Box::pin(self.connect_h1(key, source, connector)).await?, 0),
         };
         let response = sender
             .send_request(req)
@@ -183,26 +188,30 @@ impl ClusterState {
         });
     }
 
-    async fn h2_sender(
+    /// A sender on the shared HTTP/2 connection for `key`, if one is open and has budget.
+    fn h2_pooled(&self, key: Key) -> Option<conn::http2::SendRequest<ReqBody>> {
+        let max = self.config.max_requests_per_connection.filter(|m| *m > 0);
+        let mut shared = self.pool.h2.lock().unwrap_or_else(|p| p.into_inner());
+        let conn = shared.get_mut(&key).filter(|c| !c.sender.is_closed())?;
+        conn.streams += 1;
+        let sender = conn.sender.clone();
+        // A connection that reached its stream budget takes no new streams; those open on
+        // it finish, then it closes with its last sender.
+        if max.is_some_and(|m| conn.streams >= m) {
+            shared.remove(&key);
+        }
+        Some(sender)
+    }
+
+    /// Opens the HTTP/2 connection for `key` and shares it (unless it may carry only one
+    /// stream).
+    async fn h2_connect(
         self: &Arc<Self>,
         key: Key,
         source: &Source,
         connector: &Arc<dyn Connector>,
     ) -> Result<conn::http2::SendRequest<ReqBody>, UpstreamError> {
         let max = self.config.max_requests_per_connection.filter(|m| *m > 0);
-        {
-            let mut shared = self.pool.h2.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(conn) = shared.get_mut(&key).filter(|c| !c.sender.is_closed()) {
-                conn.streams += 1;
-                let sender = conn.sender.clone();
-                // A connection that reached its stream budget takes no new streams; those
-                // open on it finish, then it closes with its last sender.
-                if max.is_some_and(|m| conn.streams >= m) {
-                    shared.remove(&key);
-                }
-                return Ok(sender);
-            }
-        }
         let io = self.open(key.addr, source, connector).await?;
         let mut builder = conn::http2::Builder::new(TokioExecutor::new());
         let h2 = &self.config.http2;
