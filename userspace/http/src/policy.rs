@@ -80,12 +80,12 @@ struct ChainPolicies {
 /// Every chain's compiled filters.
 #[derive(Debug, Default)]
 pub struct Compiled {
-    chains: HashMap<ChainKey, ChainPolicies>,
+    chains: HashMap<ChainKey, ChainPolicies, foldhash::fast::RandomState>,
 }
 
 impl Compiled {
     pub fn build(snapshot: &Snapshot, policies: &Policies) -> Self {
-        let mut chains = HashMap::new();
+        let mut chains = HashMap::default();
         for l in &snapshot.listeners {
             for chain in l.filter_chains.iter().chain(l.default_chain.iter()) {
                 let http = match &chain.filter {

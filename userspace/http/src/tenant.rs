@@ -54,7 +54,7 @@ struct Tenant {
 pub(crate) struct Tenants {
     limits: TenantLimits,
     stats: Stats,
-    by_source: Mutex<HashMap<u64, Arc<Tenant>>>,
+    by_source: Mutex<HashMap<u64, Arc<Tenant>, foldhash::fast::RandomState>>,
 }
 
 /// A held slot, released on drop.
@@ -92,7 +92,7 @@ impl Tenants {
         Self {
             limits,
             stats,
-            by_source: Mutex::new(HashMap::new()),
+            by_source: Mutex::new(HashMap::default()),
         }
     }
 

@@ -8,7 +8,7 @@
 //! flags come from a fixed set.
 use std::{
     collections::HashMap,
-    hash::{BuildHasher, RandomState},
+    hash::BuildHasher,
     sync::{Arc, RwLock},
 };
 
@@ -257,7 +257,7 @@ pub struct HttpMetrics {
     /// four lookups of an owned label set (the metrics are shared handles: what is recorded
     /// here is what the families encode). Bounded as the families are (module docs).
     series: Arc<RwLock<HashMap<u64, Vec<Arc<Series>>>>>,
-    hasher: RandomState,
+    hasher: foldhash::fast::RandomState,
 }
 
 /// One label set's metrics.
@@ -278,7 +278,7 @@ impl Default for HttpMetrics {
             request_bytes: Family::new_with_constructor(Buckets(SIZE_BYTES)),
             response_bytes: Family::new_with_constructor(Buckets(SIZE_BYTES)),
             series: Arc::default(),
-            hasher: RandomState::new(),
+            hasher: foldhash::fast::RandomState::default(),
         }
     }
 }

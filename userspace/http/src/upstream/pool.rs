@@ -67,8 +67,8 @@ struct H2Conn {
 /// A cluster's connections.
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
-    idle: Mutex<HashMap<Key, Vec<Idle>>>,
-    h2: Mutex<HashMap<Key, H2Conn>>,
+    idle: Mutex<HashMap<Key, Vec<Idle>, foldhash::fast::RandomState>>,
+    h2: Mutex<HashMap<Key, H2Conn, foldhash::fast::RandomState>>,
 }
 
 impl Pool {
