@@ -124,7 +124,7 @@ pub fn explain(snapshot: &Snapshot, q: &Query) -> Result<Explanation, String> {
             .to_owned();
             out.clusters = match &f.target {
                 ClusterTarget::Header(_) => route::pick_cluster(&f.target, &q.headers)
-                    .map(|(name, _)| vec![(name, 1)])
+                    .map(|(name, _)| vec![(name.into_owned(), 1)])
                     .unwrap_or_default(),
                 target => targets(target),
             };

@@ -198,8 +198,16 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespB
     let started = Instant::now();
     let grpc = route::is_grpc(req.headers());
     let keep_headers = !ctx.hcm.access_logs.is_empty();
-    let authority = authority(&req).unwrap_or_default();
-    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    // Only access logs read the request line: without one it is not copied.
+    let (method, path, authority) = if keep_headers {
+        (
+            req.method().as_str(),
+            req.uri().path_and_query().map_or("/", |p| p.as_str()),
+            authority(&req).unwrap_or_default(),
+        )
+    } else {
+        ("", "", String::new())
+    };
     let content_length = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -207,7 +215,7 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespB
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(0);
     let mut entry = report::entry(
-        req.method().as_str(),
+        method,
         path,
         &authority,
         req.version(),
@@ -497,12 +505,12 @@ fn authority(req: &Request<Incoming>) -> Option<String> {
 
 /// `<route config>/<virtual host>/<route name or index>`.
 fn route_label(routes: &RouteConfig, selected: &route::Selected<'_>) -> String {
-    let name = if selected.route.name.is_empty() {
-        selected.index.to_string()
+    let (config, vh) = (&routes.name, &selected.virtual_host.name);
+    if selected.route.name.is_empty() {
+        format!("{config}/{vh}/{}", selected.index)
     } else {
-        selected.route.name.clone()
-    };
-    format!("{}/{}/{}", routes.name, selected.virtual_host.name, name)
+        format!("{config}/{vh}/{}", selected.route.name)
+    }
 }
 
 /// Envoy's `RedirectAction`.

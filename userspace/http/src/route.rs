@@ -160,14 +160,14 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 pub fn pick_cluster<'a>(
     target: &'a ClusterTarget,
     headers: &HeaderMap,
-) -> Option<(String, Option<&'a WeightedTarget>)> {
+) -> Option<(Cow<'a, str>, Option<&'a WeightedTarget>)> {
     match target {
-        ClusterTarget::Named(name) => Some((name.clone(), None)),
+        ClusterTarget::Named(name) => Some((Cow::Borrowed(name), None)),
         ClusterTarget::Header(header) => headers
             .get(header.as_str())
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty())
-            .map(|v| (v.to_owned(), None)),
+            .map(|v| (Cow::Owned(v.to_owned()), None)),
         ClusterTarget::Weighted(targets) => {
             let total: u64 = targets.iter().map(|t| u64::from(t.weight)).sum();
             if total == 0 {
@@ -185,7 +185,7 @@ pub fn pick_cluster<'a>(
                         false
                     }
                 })
-                .map(|t| (t.cluster.clone(), Some(t)))
+                .map(|t| (Cow::Borrowed(t.cluster.as_str()), Some(t)))
         }
     }
 }

@@ -48,7 +48,7 @@ pub type RespBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 /// Where a request was sent, for the access log and metrics (a response extension).
 #[derive(Debug, Clone)]
 pub(crate) struct UpstreamInfo {
-    pub cluster: String,
+    pub cluster: Arc<str>,
     pub host: Option<std::net::SocketAddr>,
 }
 
@@ -105,7 +105,7 @@ pub(crate) async fn forward(
     let Some((cluster_name, weighted)) = route::pick_cluster(&fwd.target, req.headers()) else {
         return local::reply(fwd.cluster_not_found_status, Flag::NoCluster, "", grpc);
     };
-    let Some(cluster) = state.clusters.get(&cluster_name).cloned() else {
+    let Some(cluster) = state.clusters.get(&*cluster_name).cloned() else {
         debug!(cluster = %cluster_name, "route names a cluster that does not exist");
         return local::reply(fwd.cluster_not_found_status, Flag::NoCluster, "", grpc);
     };
@@ -129,15 +129,20 @@ pub(crate) async fn forward(
     };
     let retry_policy = steering.retry_policy(fwd.retry.as_ref().or(vh.retry.as_ref()));
     let retry = retry_policy.as_ref();
-    let levels: Vec<&nodemesh_config::model::HeaderMutations> = weighted
-        .map(|w| &w.headers)
-        .into_iter()
-        .chain([
-            &target.selected.route.headers,
-            &vh.headers,
-            &target.routes.headers,
-        ])
-        .collect();
+    // Header mutations, most specific first (the weighted cluster's, when it has some).
+    let shared = [
+        &target.selected.route.headers,
+        &vh.headers,
+        &target.routes.headers,
+    ];
+    let with_weighted;
+    let levels: &[&nodemesh_config::model::HeaderMutations] = match weighted {
+        Some(w) => {
+            with_weighted = [&w.headers, shared[0], shared[1], shared[2]];
+            &with_weighted
+        }
+        None => &shared,
+    };
 
     // The route timeout, and the client's gRPC deadline where the route honours it: as the
     // stream's maximum duration (max_stream_duration), or instead of the route timeout.
@@ -193,7 +198,7 @@ pub(crate) async fn forward(
         weighted.and_then(|w| w.host_rewrite.as_deref()),
         upgrade.is_some(),
     );
-    headers::apply(&mut parts.headers, &levels, Side::Request);
+    headers::apply(&mut parts.headers, levels, Side::Request);
     let expected = match (timeout, per_try) {
         (Some(t), Some(p)) => Some(t.min(p)),
         (t, p) => t.or(p),
@@ -303,7 +308,7 @@ pub(crate) async fn forward(
     match result {
         Ok((mut response, host)) => {
             response.extensions_mut().insert(UpstreamInfo {
-                cluster: cluster_name.clone(),
+                cluster: cluster.label.clone(),
                 host: Some(host.address),
             });
             cluster.stats.response(response.status().as_u16(), elapsed);
@@ -341,7 +346,7 @@ pub(crate) async fn forward(
                     .headers
                     .insert("x-envoy-attempt-count", HeaderValue::from(attempt));
             }
-            headers::apply(&mut parts.headers, &levels, Side::Response);
+            headers::apply(&mut parts.headers, levels, Side::Response);
             let idle = match (timers.stream_idle, timers.per_try_idle) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -419,7 +424,7 @@ pub(crate) async fn forward(
             };
             let mut response = local::reply(status, flag, &text, grpc);
             response.extensions_mut().insert(UpstreamInfo {
-                cluster: cluster_name.clone(),
+                cluster: cluster.label.clone(),
                 host: None,
             });
             if target
@@ -431,7 +436,7 @@ pub(crate) async fn forward(
                     .headers_mut()
                     .insert("x-envoy-attempt-count", HeaderValue::from(attempt));
             }
-            headers::apply(response.headers_mut(), &levels, Side::Response);
+            headers::apply(response.headers_mut(), levels, Side::Response);
             response
         }
     }

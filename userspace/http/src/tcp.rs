@@ -43,7 +43,8 @@ pub async fn serve<S>(
     let name = match &proxy.target {
         ClusterTarget::Named(name) => Some(name.clone()),
         ClusterTarget::Weighted(_) => {
-            crate::route::pick_cluster(&proxy.target, &http::HeaderMap::new()).map(|(n, _)| n)
+            crate::route::pick_cluster(&proxy.target, &http::HeaderMap::new())
+                .map(|(n, _)| n.into_owned())
         }
         ClusterTarget::Header(_) => None,
     };
@@ -53,7 +54,7 @@ pub async fn serve<S>(
         log(entry, Some("NC"));
         return;
     };
-    entry.upstream_cluster = Some(cluster.name().to_owned());
+    entry.upstream_cluster = Some(cluster.label.clone());
     let host = match &cluster.config.discovery {
         Discovery::OriginalDst { .. } => Some(Host::transient(accepted.destination)),
         _ => lb::pick(&cluster),

@@ -66,7 +66,7 @@ pub struct Entry {
     /// Until the last byte of the response (or the stream's end).
     pub duration: Duration,
     pub upstream_host: Option<SocketAddr>,
-    pub upstream_cluster: Option<String>,
+    pub upstream_cluster: Option<Arc<str>>,
     pub route_name: Option<String>,
     /// The trusted client address, the peer, and where the client connected to.
     pub remote: SocketAddr,

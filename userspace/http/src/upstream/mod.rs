@@ -34,6 +34,8 @@ pub struct ClusterState {
     /// The configuration the state was built with. After an in-place endpoint update its
     /// endpoint list is the old one: the live set is [`Self::hosts`].
     pub config: Arc<Cluster>,
+    /// The cluster's name, shared by every request's access log entry and metric labels.
+    pub(crate) label: Arc<str>,
     hosts: ArcSwap<Vec<Arc<Host>>>,
     /// No longer in the configuration: connections are not pooled any more.
     retired: AtomicBool,
@@ -112,6 +114,7 @@ impl ClusterState {
             Discovery::StrictDns { .. } | Discovery::OriginalDst { .. } => Vec::new(),
         };
         let state = Arc::new(Self {
+            label: config.name.as_str().into(),
             config,
             hosts: ArcSwap::from_pointee(hosts),
             retired: AtomicBool::new(false),
