@@ -315,7 +315,7 @@ async fn handle_stream(
     // At debug level: an info span would be formatted for every request even when nothing
     // inside it logs (the fmt layer records span fields at creation), a measurable cost.
     let span = debug_span!("request", method = %req.method(), path = %req.uri().path(), source = %ctx.accepted.source.name);
-    let (mut response, route_label) = async {
+    let (mut response, route) = async {
         let Some(_slot) = ctx.engine.tenants().request(&ctx.accepted.source) else {
             return (
                 local::reply(503, Flag::Overloaded, "overloaded", grpc),
@@ -331,8 +331,8 @@ async fn handle_stream(
     if let Some(flag) = response.extensions().get::<Flag>() {
         ctx.engine.stats().local_reply(flag.as_str());
     }
-    if let Some(label) = route_label {
-        ctx.engine.stats().route(&label, status, start.elapsed());
+    if let Some(route) = route {
+        route.record(status, start.elapsed());
     }
     (response, Some(sanitized))
 }
@@ -360,7 +360,7 @@ async fn dispatch(
     ctx: &ConnCtx,
     mut req: Request<Incoming>,
     grpc: bool,
-) -> (Response<RespBody>, Option<String>) {
+) -> (Response<RespBody>, Option<Arc<crate::stats::RouteStats>>) {
     let state = ctx.engine.state();
     let routes: Option<Arc<RouteConfig>> = match &ctx.hcm.routes {
         // The chain's routes as configured now (an update may have changed them; an open
@@ -440,7 +440,7 @@ async fn dispatch(
             nodemesh_policy::Verdict::Deny(denial) => {
                 return (
                     crate::filters::deny_reply(&denial, grpc),
-                    selected.map(|s| route_label(&routes, &s)),
+                    selected.map(|s| route_stats(ctx, &routes, &s)),
                 );
             }
         }
@@ -448,7 +448,7 @@ async fn dispatch(
     let Some(selected) = selected else {
         return (local::reply(404, Flag::NoRoute, "", grpc), None);
     };
-    let label = route_label(&routes, &selected);
+    let label = route_stats(ctx, &routes, &selected);
     let route_name = (!selected.route.name.is_empty()).then(|| selected.route.name.clone());
     let mutations = [
         &selected.route.headers,
@@ -504,13 +504,20 @@ fn authority(req: &Request<Incoming>) -> Option<String> {
 }
 
 /// `<route config>/<virtual host>/<route name or index>`.
-fn route_label(routes: &RouteConfig, selected: &route::Selected<'_>) -> String {
-    let (config, vh) = (&routes.name, &selected.virtual_host.name);
-    if selected.route.name.is_empty() {
-        format!("{config}/{vh}/{}", selected.index)
+fn route_stats(
+    ctx: &ConnCtx,
+    routes: &RouteConfig,
+    selected: &route::Selected<'_>,
+) -> Arc<crate::stats::RouteStats> {
+    use crate::stats::RouteId;
+    let id = if selected.route.name.is_empty() {
+        RouteId::Index(selected.index)
     } else {
-        format!("{config}/{vh}/{}", selected.route.name)
-    }
+        RouteId::Name(&selected.route.name)
+    };
+    ctx.engine
+        .stats()
+        .route(&routes.name, &selected.virtual_host.name, id)
 }
 
 /// Envoy's `RedirectAction`.

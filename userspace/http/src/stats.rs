@@ -4,7 +4,12 @@
 //! `nodemesh_` prefix and labels instead of name mangling: `cluster`, `route`
 //! (`<route config>/<virtual host>/<route name or index>`), `class` (`2xx` ... `5xx`),
 //! `flag` (Envoy's response flag), `limit` (the circuit breaker or tenant limit).
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    hash::BuildHasher,
+    sync::{Arc, OnceLock, RwLock},
+    time::Duration,
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -107,6 +112,9 @@ pub struct Stats {
     membership: Family<ClusterLabel, Gauge>,
     route_rq: Family<RouteClass, Counter>,
     route_rq_time: Family<RouteLabel, Histogram, fn() -> Histogram>,
+    /// Each route's series, resolved on its first request (see [`Stats::route`]).
+    routes: Arc<RwLock<RouteSeries>>,
+    route_hasher: foldhash::fast::RandomState,
     local_replies: Family<FlagLabel, Counter>,
     protocol_errors: Family<KindLabel, Counter>,
     downstream_cx: Family<KindLabel, Counter>,
@@ -132,6 +140,8 @@ impl Stats {
             membership: Family::default(),
             route_rq: Family::default(),
             route_rq_time: Family::new_with_constructor(latency_histogram),
+            routes: Arc::default(),
+            route_hasher: foldhash::fast::RandomState::default(),
             local_replies: Family::default(),
             protocol_errors: Family::default(),
             downstream_cx: Family::default(),
@@ -285,18 +295,50 @@ impl Stats {
         }
     }
 
-    pub(crate) fn route(&self, route: &str, status: u16, elapsed: Duration) {
-        self.route_rq
-            .get_or_create(&RouteClass {
-                route: route.to_owned(),
-                class: class_of(status),
+    /// The series of one route, labelled `config/virtual_host/route` (the route's name, or
+    /// its index in the virtual host when it has none). Found without building the label:
+    /// the label is formatted, and the families looked up, once per route.
+    pub(crate) fn route(
+        &self,
+        config: &str,
+        virtual_host: &str,
+        route: RouteId<'_>,
+    ) -> Arc<RouteStats> {
+        let hash = self.route_hasher.hash_one((config, virtual_host, route));
+        let find = |map: &RouteSeries| {
+            map.get(&hash).and_then(|v| {
+                v.iter()
+                    .find(|s| s.is(config, virtual_host, route))
+                    .cloned()
             })
-            .inc();
-        self.route_rq_time
-            .get_or_create(&RouteLabel {
-                route: route.to_owned(),
-            })
-            .observe(elapsed.as_secs_f64());
+        };
+        if let Some(s) = find(&self.routes.read().unwrap_or_else(|p| p.into_inner())) {
+            return s;
+        }
+        let mut map = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = find(&map) {
+            return s;
+        }
+        let label = match route {
+            RouteId::Name(name) => format!("{config}/{virtual_host}/{name}"),
+            RouteId::Index(i) => format!("{config}/{virtual_host}/{i}"),
+        };
+        let series = Arc::new(RouteStats {
+            config: config.to_owned(),
+            virtual_host: virtual_host.to_owned(),
+            route: route.into(),
+            time: self
+                .route_rq_time
+                .get_or_create(&RouteLabel {
+                    route: label.clone(),
+                })
+                .clone(),
+            by_class: Default::default(),
+            family: self.route_rq.clone(),
+            label,
+        });
+        map.entry(hash).or_default().push(series.clone());
+        series
     }
 
     pub(crate) fn local_reply(&self, flag: &'static str) {
@@ -344,12 +386,83 @@ impl Stats {
 
 /// `2xx` etc.
 pub fn class_of(status: u16) -> &'static str {
+    CLASSES[class_index(status)]
+}
+
+/// Route series by the hash of what identifies the route.
+type RouteSeries = HashMap<u64, Vec<Arc<RouteStats>>, foldhash::fast::RandomState>;
+
+/// Which route of its virtual host: by name, or by index when it has none.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub(crate) enum RouteId<'a> {
+    Name(&'a str),
+    Index(usize),
+}
+
+#[derive(Debug)]
+enum OwnedRouteId {
+    Name(String),
+    Index(usize),
+}
+
+impl From<RouteId<'_>> for OwnedRouteId {
+    fn from(id: RouteId<'_>) -> Self {
+        match id {
+            RouteId::Name(n) => Self::Name(n.to_owned()),
+            RouteId::Index(i) => Self::Index(i),
+        }
+    }
+}
+
+/// One route's series (`route_rq` by class, created on a class's first response, and
+/// `route_rq_time`).
+#[derive(Debug)]
+pub(crate) struct RouteStats {
+    config: String,
+    virtual_host: String,
+    route: OwnedRouteId,
+    label: String,
+    by_class: [OnceLock<Counter>; 5],
+    time: Histogram,
+    family: Family<RouteClass, Counter>,
+}
+
+impl RouteStats {
+    fn is(&self, config: &str, virtual_host: &str, route: RouteId<'_>) -> bool {
+        self.config == config
+            && self.virtual_host == virtual_host
+            && match (&self.route, route) {
+                (OwnedRouteId::Name(a), RouteId::Name(b)) => a == b,
+                (OwnedRouteId::Index(a), RouteId::Index(b)) => *a == b,
+                _ => false,
+            }
+    }
+
+    pub fn record(&self, status: u16, elapsed: Duration) {
+        let i = class_index(status);
+        self.by_class[i]
+            .get_or_init(|| {
+                self.family
+                    .get_or_create(&RouteClass {
+                        route: self.label.clone(),
+                        class: CLASSES[i],
+                    })
+                    .clone()
+            })
+            .inc();
+        self.time.observe(elapsed.as_secs_f64());
+    }
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn class_index(status: u16) -> usize {
     match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
     }
 }
 
@@ -371,14 +484,7 @@ pub(crate) struct ClusterStats {
 
 impl ClusterStats {
     pub fn response(&self, status: u16, elapsed: Duration) {
-        let i = match status {
-            100..=199 => 0,
-            200..=299 => 1,
-            300..=399 => 2,
-            400..=499 => 3,
-            _ => 4,
-        };
-        self.by_class[i].inc();
+        self.by_class[class_index(status)].inc();
         self.time.observe(elapsed.as_secs_f64());
     }
 
@@ -394,5 +500,52 @@ impl ClusterStats {
 
     pub fn set_hosts(&self, n: usize) {
         self.membership.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_is_resolved_once_and_counted_under_its_label() {
+        let mut registry = Registry::default();
+        let stats = Stats::register(&mut registry);
+        let named = stats.route("local", "api", RouteId::Name("orders"));
+        assert!(Arc::ptr_eq(
+            &named,
+            &stats.route("local", "api", RouteId::Name("orders"))
+        ));
+        // A route named "0" is not the unnamed first route.
+        let first = stats.route("local", "api", RouteId::Index(0));
+        assert!(!Arc::ptr_eq(
+            &first,
+            &stats.route("local", "api", RouteId::Name("0"))
+        ));
+        assert!(!Arc::ptr_eq(
+            &first,
+            &stats.route("local", "web", RouteId::Index(0))
+        ));
+        named.record(200, Duration::from_millis(3));
+        named.record(503, Duration::from_millis(3));
+        first.record(404, Duration::from_millis(1));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        for line in [
+            r#"nodemesh_route_rq_total{route="local/api/orders",class="2xx"} 1"#,
+            r#"nodemesh_route_rq_total{route="local/api/orders",class="5xx"} 1"#,
+            r#"nodemesh_route_rq_total{route="local/api/0",class="4xx"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        // Only the classes a route answered with are exposed.
+        assert!(
+            !text.contains(r#"route="local/api/orders",class="4xx""#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"nodemesh_route_rq_time_seconds_count{route="local/api/orders"} 2"#),
+            "{text}"
+        );
     }
 }
