@@ -613,12 +613,8 @@ fn prepare_request(
     {
         h.append(header::VIA, v);
     }
-    // Path rewrites.
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+    // Path rewrites (the path is read in place: most routes rewrite nothing).
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let rewritten = match (
         &fwd.prefix_rewrite,
         &fwd.regex_rewrite,
@@ -638,7 +634,7 @@ fn prepare_request(
         (None, Some((pattern, substitution)), _) => {
             let (only, query) = path
                 .split_once('?')
-                .map_or((path.as_str(), None), |(p, q)| (p, Some(q)));
+                .map_or((path, None), |(p, q)| (p, Some(q)));
             let nodemesh_config::matcher::StringMatch::Regex(re) = &pattern.kind else {
                 unreachable_regex();
                 return;
@@ -655,7 +651,8 @@ fn prepare_request(
         && let Ok(pq) = PathAndQuery::try_from(new_path)
     {
         if !hcm.suppress_envoy_headers
-            && let Ok(v) = HeaderValue::from_str(&path)
+            && let Some(original) = parts.uri.path_and_query()
+            && let Ok(v) = HeaderValue::from_str(original.as_str())
         {
             parts.headers.insert("x-envoy-original-path", v);
         }
@@ -666,19 +663,23 @@ fn prepare_request(
         }
     }
     // Host rewrites.
-    let new_host = match (weighted_host, &fwd.host_rewrite) {
-        (Some(h), _) => Some(h.to_owned()),
-        (None, HostRewrite::Literal(h)) => Some(h.clone()),
+    let new_host: Option<std::borrow::Cow<'_, str>> = match (weighted_host, &fwd.host_rewrite) {
+        (Some(h), _) => Some(h.into()),
+        (None, HostRewrite::Literal(h)) => Some(h.as_str().into()),
         (None, HostRewrite::Header(name)) => parts
             .headers
             .get(name.as_str())
             .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
+            .map(|v| v.to_owned().into()),
         // Auto host rewrite needs the chosen endpoint; applied at send time for STRICT_DNS.
         (None, HostRewrite::Auto | HostRewrite::None) => None,
     };
-    let host = new_host.unwrap_or_else(|| target.host.to_owned());
-    if let Ok(v) = HeaderValue::from_str(&host) {
+    let host = new_host.unwrap_or(target.host.into());
+    // Usually the one Host the client sent, already in place: not copied again.
+    let mut sent = parts.headers.get_all(header::HOST).iter();
+    let unchanged =
+        sent.next().is_some_and(|v| v.as_bytes() == host.as_bytes()) && sent.next().is_none();
+    if !unchanged && let Ok(v) = HeaderValue::from_str(&host) {
         parts.headers.insert(header::HOST, v);
     }
 }
