@@ -88,16 +88,20 @@ pub async fn serve(
         scope: nodemesh_policy::ConnScope::default(),
         drain: drain.clone(),
     });
-    let service = service_fn(move |req: Request<Incoming>| {
-        let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(handle(ctx, req).await) }
-    });
     let io = TokioIo::new(downstream::Watched::new(io, tracker.clone()));
     let header_timeout = hcm
         .request_headers_timeout
         .unwrap_or(DEFAULT_HEADER_TIMEOUT);
     let timers = tracker.expired(hcm.idle_timeout, header_timeout);
     let result = if h2 {
+        // Each stream's future (~7 KiB) is boxed once: hyper spawns a task per HTTP/2
+        // stream, and the spawn copies the whole state several times over (-6% of the
+        // instructions per h2c request); a box moves as a pointer. HTTP/1.1 keeps it
+        // unboxed: there hyper moves it once per request, cheaper than a box's malloc.
+        let service = service_fn(move |req: Request<Incoming>| {
+            let request = Box::pin(handle(ctx.clone(), req));
+            async move { Ok::<_, Infallible>(request.await) }
+        });
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         let settings = &hcm.http2;
         builder
@@ -125,6 +129,10 @@ pub async fn serve(
             }
         }
     } else {
+        let service = service_fn(move |req: Request<Incoming>| {
+            let ctx = ctx.clone();
+            async move { Ok::<_, Infallible>(handle(ctx, req).await) }
+        });
         let mut builder = hyper::server::conn::http1::Builder::new();
         // The header timeout is this module's own (it starts at the first byte, where
         // hyper's starts when it waits for the next request); hyper's, on by default with a
