@@ -148,7 +148,7 @@ pub struct Accepted {
 #[derive(Debug)]
 pub struct State {
     pub snapshot: Arc<Snapshot>,
-    pub clusters: HashMap<String, Arc<ClusterState>, foldhash::fast::RandomState>,
+    pub clusters: foldhash::HashMap<String, Arc<ClusterState>>,
     /// The compiled filters of every filter chain, by [`policy::ChainKey`].
     pub policies: policy::Compiled,
 }
@@ -277,7 +277,7 @@ impl Engine {
         let _one_at_a_time = self.updating.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.state.load_full();
         let mut summary = UpdateSummary::default();
-        let clusters: HashMap<String, Arc<ClusterState>, foldhash::fast::RandomState> = snapshot
+        let clusters: foldhash::HashMap<String, Arc<ClusterState>> = snapshot
             .clusters
             .iter()
             .map(|(name, config)| {

@@ -80,7 +80,7 @@ struct ChainPolicies {
 /// Every chain's compiled filters.
 #[derive(Debug, Default)]
 pub struct Compiled {
-    chains: HashMap<ChainKey, ChainPolicies, foldhash::fast::RandomState>,
+    chains: foldhash::HashMap<ChainKey, ChainPolicies>,
 }
 
 impl Compiled {

@@ -5,11 +5,11 @@
 //! (`<route config>/<virtual host>/<route name or index>`), `class` (`2xx` ... `5xx`),
 //! `flag` (Envoy's response flag), `limit` (the circuit breaker or tenant limit).
 use std::{
-    collections::HashMap,
-    hash::BuildHasher,
-    sync::{Arc, OnceLock, RwLock},
+    sync::{Arc, OnceLock},
     time::Duration,
 };
+
+use nodemesh_telemetry::series::SeriesCache;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -113,8 +113,7 @@ pub struct Stats {
     route_rq: Family<RouteClass, Counter>,
     route_rq_time: Family<RouteLabel, Histogram, fn() -> Histogram>,
     /// Each route's series, resolved on its first request (see [`Stats::route`]).
-    routes: Arc<RwLock<RouteSeries>>,
-    route_hasher: foldhash::fast::RandomState,
+    routes: Arc<SeriesCache<RouteStats>>,
     local_replies: Family<FlagLabel, Counter>,
     protocol_errors: Family<KindLabel, Counter>,
     downstream_cx: Family<KindLabel, Counter>,
@@ -141,7 +140,6 @@ impl Stats {
             route_rq: Family::default(),
             route_rq_time: Family::new_with_constructor(latency_histogram),
             routes: Arc::default(),
-            route_hasher: foldhash::fast::RandomState::default(),
             local_replies: Family::default(),
             protocol_errors: Family::default(),
             downstream_cx: Family::default(),
@@ -304,41 +302,30 @@ impl Stats {
         virtual_host: &str,
         route: RouteId<'_>,
     ) -> Arc<RouteStats> {
-        let hash = self.route_hasher.hash_one((config, virtual_host, route));
-        let find = |map: &RouteSeries| {
-            map.get(&hash).and_then(|v| {
-                v.iter()
-                    .find(|s| s.is(config, virtual_host, route))
-                    .cloned()
-            })
-        };
-        if let Some(s) = find(&self.routes.read().unwrap_or_else(|p| p.into_inner())) {
-            return s;
-        }
-        let mut map = self.routes.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = find(&map) {
-            return s;
-        }
-        let label = match route {
-            RouteId::Name(name) => format!("{config}/{virtual_host}/{name}"),
-            RouteId::Index(i) => format!("{config}/{virtual_host}/{i}"),
-        };
-        let series = Arc::new(RouteStats {
-            config: config.to_owned(),
-            virtual_host: virtual_host.to_owned(),
-            route: route.into(),
-            time: self
-                .route_rq_time
-                .get_or_create(&RouteLabel {
-                    route: label.clone(),
-                })
-                .clone(),
-            by_class: Default::default(),
-            family: self.route_rq.clone(),
-            label,
-        });
-        map.entry(hash).or_default().push(series.clone());
-        series
+        self.routes.get_or_insert(
+            (config, virtual_host, route),
+            |s| s.is(config, virtual_host, route),
+            || {
+                let label = match route {
+                    RouteId::Name(name) => format!("{config}/{virtual_host}/{name}"),
+                    RouteId::Index(i) => format!("{config}/{virtual_host}/{i}"),
+                };
+                RouteStats {
+                    config: config.to_owned(),
+                    virtual_host: virtual_host.to_owned(),
+                    route: route.into(),
+                    time: self
+                        .route_rq_time
+                        .get_or_create(&RouteLabel {
+                            route: label.clone(),
+                        })
+                        .clone(),
+                    by_class: Default::default(),
+                    family: self.route_rq.clone(),
+                    label,
+                }
+            },
+        )
     }
 
     pub(crate) fn local_reply(&self, flag: &'static str) {
@@ -388,9 +375,6 @@ impl Stats {
 pub fn class_of(status: u16) -> &'static str {
     CLASSES[class_index(status)]
 }
-
-/// Route series by the hash of what identifies the route.
-type RouteSeries = HashMap<u64, Vec<Arc<RouteStats>>, foldhash::fast::RandomState>;
 
 /// Which route of its virtual host: by name, or by index when it has none.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
@@ -516,7 +500,8 @@ mod tests {
             &named,
             &stats.route("local", "api", RouteId::Name("orders"))
         ));
-        // A route named "0" is not the unnamed first route.
+        // A route named "0" is another entry than the unnamed first route (their labels
+        // coincide, as they always did, so both count into one series).
         let first = stats.route("local", "api", RouteId::Index(0));
         assert!(!Arc::ptr_eq(
             &first,

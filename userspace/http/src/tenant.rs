@@ -54,7 +54,7 @@ struct Tenant {
 pub(crate) struct Tenants {
     limits: TenantLimits,
     stats: Stats,
-    by_source: Mutex<HashMap<u64, Arc<Tenant>, foldhash::fast::RandomState>>,
+    by_source: Mutex<foldhash::HashMap<u64, Arc<Tenant>>>,
 }
 
 /// A held slot, released on drop.

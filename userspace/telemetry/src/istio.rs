@@ -6,11 +6,7 @@
 //! node's pods plus `unknown` (a destination's IP never becomes a label value), services
 //! are cluster names from the configuration, response codes are clamped to 0..=599 and
 //! flags come from a fixed set.
-use std::{
-    collections::HashMap,
-    hash::BuildHasher,
-    sync::{Arc, RwLock},
-};
+use std::sync::Arc;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -256,8 +252,7 @@ pub struct HttpMetrics {
     /// Each label set's four metrics, found with one hash of the borrowed labels instead of
     /// four lookups of an owned label set (the metrics are shared handles: what is recorded
     /// here is what the families encode). Bounded as the families are (module docs).
-    series: Arc<RwLock<HashMap<u64, Vec<Arc<Series>>>>>,
-    hasher: foldhash::fast::RandomState,
+    series: Arc<crate::series::SeriesCache<Series>>,
 }
 
 /// One label set's metrics.
@@ -278,7 +273,6 @@ impl Default for HttpMetrics {
             request_bytes: Family::new_with_constructor(Buckets(SIZE_BYTES)),
             response_bytes: Family::new_with_constructor(Buckets(SIZE_BYTES)),
             series: Arc::default(),
-            hasher: foldhash::fast::RandomState::default(),
         }
     }
 }
@@ -321,28 +315,20 @@ impl HttpMetrics {
     }
 
     fn series_of(&self, labels: &RequestLabels<'_>) -> Arc<Series> {
-        let hash = self.hasher.hash_one(labels);
-        let find = |map: &HashMap<u64, Vec<Arc<Series>>>| {
-            map.get(&hash)
-                .and_then(|v| v.iter().find(|s| labels.is(&s.labels)).cloned())
-        };
-        if let Some(s) = find(&self.series.read().unwrap_or_else(|p| p.into_inner())) {
-            return s;
-        }
-        let mut map = self.series.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = find(&map) {
-            return s;
-        }
-        let owned = labels.to_labels();
-        let series = Arc::new(Series {
-            requests: self.requests.get_or_create(&owned).clone(),
-            duration_ms: self.duration_ms.get_or_create(&owned).clone(),
-            request_bytes: self.request_bytes.get_or_create(&owned).clone(),
-            response_bytes: self.response_bytes.get_or_create(&owned).clone(),
-            labels: owned,
-        });
-        map.entry(hash).or_default().push(series.clone());
-        series
+        self.series.get_or_insert(
+            labels,
+            |s| labels.is(&s.labels),
+            || {
+                let owned = labels.to_labels();
+                Series {
+                    requests: self.requests.get_or_create(&owned).clone(),
+                    duration_ms: self.duration_ms.get_or_create(&owned).clone(),
+                    request_bytes: self.request_bytes.get_or_create(&owned).clone(),
+                    response_bytes: self.response_bytes.get_or_create(&owned).clone(),
+                    labels: owned,
+                }
+            },
+        )
     }
 }
 

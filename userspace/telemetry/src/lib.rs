@@ -8,3 +8,4 @@
 pub mod access_log;
 pub mod istio;
 pub mod logging;
+pub mod series;

@@ -14,7 +14,6 @@
 //! Circuit breakers: opening a connection takes a `max_connections` slot for its life, and
 //! waiting for one takes a `max_pending_requests` slot.
 use std::{
-    collections::HashMap,
     io,
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -67,8 +66,8 @@ struct H2Conn {
 /// A cluster's connections.
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
-    idle: Mutex<HashMap<Key, Vec<Idle>, foldhash::fast::RandomState>>,
-    h2: Mutex<HashMap<Key, H2Conn, foldhash::fast::RandomState>>,
+    idle: Mutex<foldhash::HashMap<Key, Vec<Idle>>>,
+    h2: Mutex<foldhash::HashMap<Key, H2Conn>>,
 }
 
 impl Pool {
