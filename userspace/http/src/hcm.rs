@@ -95,7 +95,7 @@ pub async fn serve(
     let timers = tracker.expired(hcm.idle_timeout, header_timeout);
     let result = if h2 {
         // Each stream's future (~7 KiB) is boxed once: hyper spawns a task per HTTP/2
-        // stream, and the spawn copies the whole state several times over (-6% of the
+        // stream, and the spawn copies the whole state several times over (-7.5% of the
         // instructions per h2c request); a box moves as a pointer. HTTP/1.1 keeps it
         // unboxed: there hyper moves it once per request, cheaper than a box's malloc.
         let service = service_fn(move |req: Request<Incoming>| {

@@ -77,11 +77,10 @@ impl Activity {
     /// Resolves once nothing has moved for `timeout`, counting only what moved after
     /// `start` (never with `None`).
     pub async fn expired_since(&self, start: Instant, timeout: Option<Duration>) {
-        let Some(timeout) = timeout else {
-            return std::future::pending().await;
-        };
         loop {
-            let due = self.last().max(start) + timeout;
+            let Some(due) = self.idle_due(start, timeout) else {
+                return std::future::pending().await;
+            };
             if Instant::now() >= due {
                 return;
             }

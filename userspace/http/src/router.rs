@@ -526,10 +526,8 @@ async fn first_expiry(
     timers: &Timers,
     attempt_started: tokio::time::Instant,
 ) -> Failure {
-    let Some((due, _)) = next_expiry(limit, timers, attempt_started) else {
-        return std::future::pending().await;
-    };
-    let sleep = tokio::time::sleep_until(due);
+    // Registered only when first reset to a deadline below.
+    let sleep = tokio::time::sleep_until(attempt_started);
     tokio::pin!(sleep);
     loop {
         let Some((due, failure)) = next_expiry(limit, timers, attempt_started) else {

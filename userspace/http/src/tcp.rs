@@ -40,15 +40,12 @@ pub async fn serve<S>(
         entry.duration = started.elapsed();
         crate::report::log_entry(engine.reporter(), &proxy.access_logs, entry);
     };
+    // A connection has no headers: a header-named cluster is never found.
     let name = match &proxy.target {
-        ClusterTarget::Named(name) => Some(name.clone()),
-        ClusterTarget::Weighted(_) => {
-            crate::route::pick_cluster(&proxy.target, &http::HeaderMap::new())
-                .map(|(n, _)| n.into_owned())
-        }
         ClusterTarget::Header(_) => None,
+        target => crate::route::pick_cluster(target, &http::HeaderMap::new()).map(|(n, _)| n),
     };
-    let Some(cluster) = name.and_then(|n| state.clusters.get(&n).cloned()) else {
+    let Some(cluster) = name.and_then(|n| state.clusters.get(&*n).cloned()) else {
         warn!(stat_prefix = %proxy.stat_prefix, "tcp_proxy: no such cluster; closing");
         engine.stats().local_reply("NC");
         log(entry, Some("NC"));
