@@ -83,6 +83,8 @@ struct Switchable {
     healthy: Arc<AtomicBool>,
     status: Arc<AtomicU32>,
     connections: Arc<AtomicU32>,
+    /// Connections the proxy has closed (or that failed).
+    closed: Arc<AtomicU32>,
     requests: Arc<AtomicU32>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -101,16 +103,18 @@ impl Switchable {
         let status = Arc::new(AtomicU32::new(200));
         let connections = Arc::new(AtomicU32::new(0));
         let requests = Arc::new(AtomicU32::new(0));
-        let (h, s, c, r) = (
+        let closed = Arc::new(AtomicU32::new(0));
+        let (h, s, c, r, done) = (
             healthy.clone(),
             status.clone(),
             connections.clone(),
             requests.clone(),
+            closed.clone(),
         );
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 c.fetch_add(1, Ordering::SeqCst);
-                let (h, s, r) = (h.clone(), s.clone(), r.clone());
+                let (h, s, r, done) = (h.clone(), s.clone(), r.clone(), done.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: Request<_>| {
                         let code = if req.uri().path() == "/health" {
@@ -129,6 +133,7 @@ impl Switchable {
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
+                    done.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
@@ -137,6 +142,7 @@ impl Switchable {
             healthy,
             status,
             connections,
+            closed,
             requests,
             task,
         }
@@ -324,6 +330,47 @@ async fn upstream_connections_carry_at_most_max_requests_per_connection() {
     }
     assert_eq!(a.requests.load(Ordering::SeqCst), 6);
     assert_eq!(a.connections.load(Ordering::SeqCst), 3, "two requests each");
+}
+
+#[tokio::test]
+async fn idle_upstream_connections_close_at_the_cluster_idle_timeout() {
+    let cluster = |timeout: &str| {
+        format!(
+            r#"  - name: c
+    connect_timeout: 1s
+    common_http_protocol_options: {{ idle_timeout: {timeout} }}
+    load_assignment:
+      cluster_name: c
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {{a}} }} }} }}
+"#
+        )
+    };
+    let a = Switchable::start().await;
+    let (_running, addr) = proxy(&listener("", &cluster("0.3s")), &[("a", a.addr.port())]).await;
+    assert_eq!(get(addr, "h", "/", &[]).await.status, 200);
+    // Nothing else is sent: only the timeout can close the pooled connection.
+    let closed = async {
+        while a.closed.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("the idle upstream connection is closed");
+    assert_eq!(get(addr, "h", "/", &[]).await.status, 200);
+    assert_eq!(a.connections.load(Ordering::SeqCst), 2, "a new connection");
+
+    // 0 disables the timeout, as in Envoy: the connection is still reused later.
+    let b = Switchable::start().await;
+    let (_running, addr) = proxy(&listener("", &cluster("0s")), &[("a", b.addr.port())]).await;
+    for _ in 0..2 {
+        assert_eq!(get(addr, "h", "/", &[]).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_eq!(b.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(b.closed.load(Ordering::SeqCst), 0);
 }
 
 /// Raw HTTP/2 frames for the flood tests.

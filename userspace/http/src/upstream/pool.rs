@@ -2,7 +2,10 @@
 //!
 //! HTTP/1.1 connections carry one request at a time: an idle one is reused, else a new one
 //! is opened; a connection goes back to the pool once its response has been read to the
-//! end (`SendRequest::ready`). HTTP/2 connections are shared by every request to the same
+//! end (`SendRequest::ready`). One that stays unused for the cluster's idle timeout
+//! (`common_http_protocol_options.idle_timeout`, an hour unless set; 0 disables it, as in
+//! Envoy) is closed by a sweeper task that the key's pool runs only while it holds idle
+//! connections. HTTP/2 connections are shared by every request to the same
 //! key, multiplexed. In the node proxy an upstream socket belongs to the pod that sent the
 //! request (it is opened in that pod's network namespace, so the destination sees the
 //! pod's address), hence the source in the key; a standalone proxy has one source.
@@ -14,6 +17,7 @@
 //! Circuit breakers: opening a connection takes a `max_connections` slot for its life, and
 //! waiting for one takes a `max_pending_requests` slot.
 use std::{
+    collections::VecDeque,
     io,
     net::SocketAddr,
     sync::{Arc, Mutex},
@@ -34,11 +38,6 @@ use crate::{BoxError, Connector, Source, stats::Limit};
 /// The body type of requests sent upstream.
 pub type ReqBody = BoxBody<Bytes, BoxError>;
 
-/// How long an unused HTTP/1.1 connection stays pooled when the cluster sets no idle
-/// timeout (Envoy's default upstream idle timeout is one hour; nodemesh closes sooner to
-/// keep the number of idle sockets on a dense node down).
-const DEFAULT_IDLE: Duration = Duration::from_secs(60);
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
     addr: SocketAddr,
@@ -56,6 +55,27 @@ struct Idle {
     served: u32,
 }
 
+/// A key's idle HTTP/1.1 connections, oldest first: reuse takes the newest (its socket is
+/// the likeliest to be warm and still open), so the expired ones are a prefix and pruning
+/// stops at the first live one.
+#[derive(Debug, Default)]
+struct IdleList {
+    conns: VecDeque<Idle>,
+    /// Whether a sweeper task is closing this list's connections as they expire.
+    swept: bool,
+}
+
+impl IdleList {
+    /// Drops (and so closes) the closed and expired connections at the front.
+    fn prune(&mut self, now: Instant, max_idle: Option<Duration>) {
+        while self.conns.front().is_some_and(|e| {
+            e.sender.is_closed() || max_idle.is_some_and(|m| now.duration_since(e.since) >= m)
+        }) {
+            self.conns.pop_front();
+        }
+    }
+}
+
 /// A shared HTTP/2 connection and the streams opened on it so far.
 #[derive(Debug, Clone)]
 struct H2Conn {
@@ -66,7 +86,7 @@ struct H2Conn {
 /// A cluster's connections.
 #[derive(Debug, Default)]
 pub(crate) struct Pool {
-    idle: Mutex<foldhash::HashMap<Key, Vec<Idle>>>,
+    idle: Mutex<foldhash::HashMap<Key, IdleList>>,
     h2: Mutex<foldhash::HashMap<Key, H2Conn>>,
 }
 
@@ -161,30 +181,49 @@ impl ClusterState {
     }
 
     fn take_idle(&self, key: Key) -> Option<(conn::http1::SendRequest<ReqBody>, u32)> {
-        let max_idle = self.config.idle_timeout.unwrap_or(DEFAULT_IDLE);
+        let max_idle = self.config.idle_timeout;
+        let now = Instant::now();
         let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(&key)?;
-        while let Some(entry) = list.pop() {
-            if entry.sender.is_ready() && entry.since.elapsed() < max_idle {
+        // Anything passed over here is closed or stale, and is dropped (closing it).
+        while let Some(entry) = list.conns.pop_back() {
+            if entry.sender.is_ready()
+                && max_idle.is_none_or(|m| now.duration_since(entry.since) < m)
+            {
                 return Some((entry.sender, entry.served));
             }
         }
         None
     }
 
-    fn put_idle(&self, key: Key, sender: conn::http1::SendRequest<ReqBody>, served: u32) {
+    fn put_idle(
+        self: &Arc<Self>,
+        key: Key,
+        sender: conn::http1::SendRequest<ReqBody>,
+        served: u32,
+    ) {
         if self.is_retired() {
             return;
         }
-        let max_idle = self.config.idle_timeout.unwrap_or(DEFAULT_IDLE);
+        let max_idle = self.config.idle_timeout;
+        let now = Instant::now();
         let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.entry(key).or_default();
-        list.retain(|e| !e.sender.is_closed() && e.since.elapsed() < max_idle);
-        list.push(Idle {
+        // This usually looks at one entry. A closed one further in goes when it reaches
+        // the front or is taken.
+        list.prune(now, max_idle);
+        list.conns.push_back(Idle {
             sender,
-            since: Instant::now(),
+            since: now,
             served,
         });
+        if let Some(max_idle) = max_idle
+            && !list.swept
+        {
+            list.swept = true;
+            drop(idle);
+            tokio::spawn(sweep(Arc::downgrade(self), key, max_idle));
+        }
     }
 
     /// A sender on the shared HTTP/2 connection for `key`, if one is open and has budget.
@@ -296,6 +335,36 @@ impl ClusterState {
             Ok(Ok(stream)) => stream,
         };
         Ok(Opened { stream, slot })
+    }
+}
+
+/// Closes `key`'s idle connections as they reach `max_idle`, sleeping until the oldest
+/// does; ends when none is left (the next one returned starts another) or the cluster is
+/// gone.
+async fn sweep(cluster: std::sync::Weak<ClusterState>, key: Key, max_idle: Duration) {
+    loop {
+        let due = {
+            let Some(cluster) = cluster.upgrade() else {
+                return;
+            };
+            let mut idle = cluster.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(list) = idle.get_mut(&key) else {
+                return;
+            };
+            list.prune(Instant::now(), Some(max_idle));
+            match list.conns.front() {
+                // A timeout beyond the clock's range never expires.
+                Some(oldest) => match oldest.since.checked_add(max_idle) {
+                    Some(due) => due,
+                    None => return,
+                },
+                None => {
+                    idle.remove(&key);
+                    return;
+                }
+            }
+        };
+        tokio::time::sleep_until(due.into()).await;
     }
 }
 
