@@ -373,6 +373,45 @@ async fn idle_upstream_connections_close_at_the_cluster_idle_timeout() {
     assert_eq!(b.closed.load(Ordering::SeqCst), 0);
 }
 
+#[tokio::test]
+async fn idle_http2_upstream_connections_close_at_the_cluster_idle_timeout() {
+    let cluster = r#"  - name: c
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        common_http_protocol_options: { idle_timeout: 0.3s }
+        explicit_http_config: { http2_protocol_options: {} }
+    load_assignment:
+      cluster_name: c
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: {a} } } }
+"#;
+    let a = Switchable::start().await;
+    let (_running, addr) = proxy(&listener("", cluster), &[("a", a.addr.port())]).await;
+    // Requests within the timeout share the one connection.
+    for _ in 0..3 {
+        assert_eq!(get(addr, "h", "/", &[]).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        a.connections.load(Ordering::SeqCst),
+        1,
+        "one shared connection"
+    );
+    let closed = async {
+        while a.closed.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("the idle HTTP/2 upstream connection is closed");
+    assert_eq!(get(addr, "h", "/", &[]).await.status, 200);
+    assert_eq!(a.connections.load(Ordering::SeqCst), 2, "a new connection");
+}
+
 /// Raw HTTP/2 frames for the flood tests.
 fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len() as u32;

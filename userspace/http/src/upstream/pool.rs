@@ -6,7 +6,10 @@
 //! (`common_http_protocol_options.idle_timeout`, an hour unless set; 0 disables it, as in
 //! Envoy) is closed by a sweeper task that the key's pool runs only while it holds idle
 //! connections. HTTP/2 connections are shared by every request to the same
-//! key, multiplexed. In the node proxy an upstream socket belongs to the pod that sent the
+//! key, multiplexed; one that has opened no stream for the idle timeout leaves the pool,
+//! and closes (GOAWAY) once the streams still open on it finish. Envoy counts the timeout
+//! from the last stream's end rather than its start; it differs only for a stream that
+//! outlives the timeout, whose connection closes as it ends instead of a timeout later. In the node proxy an upstream socket belongs to the pod that sent the
 //! request (it is opened in that pod's network namespace, so the destination sees the
 //! pod's address), hence the source in the key; a standalone proxy has one source.
 //!
@@ -20,7 +23,10 @@ use std::{
     collections::VecDeque,
     io,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -77,10 +83,14 @@ impl IdleList {
 }
 
 /// A shared HTTP/2 connection and the streams opened on it so far.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct H2Conn {
     sender: conn::http2::SendRequest<ReqBody>,
     streams: u32,
+    /// When the last stream was opened on it (the idle timeout counts from there).
+    last_stream: Instant,
+    /// Tells this connection from a later one under the same key (the idle sweeper's).
+    id: u64,
 }
 
 /// A cluster's connections.
@@ -232,6 +242,9 @@ impl ClusterState {
         let mut shared = self.pool.h2.lock().unwrap_or_else(|p| p.into_inner());
         let conn = shared.get_mut(&key).filter(|c| !c.sender.is_closed())?;
         conn.streams += 1;
+        if self.config.idle_timeout.is_some() {
+            conn.last_stream = Instant::now();
+        }
         let sender = conn.sender.clone();
         // A connection that reached its stream budget takes no new streams; those open on
         // it finish, then it closes with its last sender.
@@ -270,6 +283,7 @@ impl ClusterState {
             }
         });
         if max.is_none_or(|m| m > 1) && !self.is_retired() {
+            let id = H2_IDS.fetch_add(1, Ordering::Relaxed);
             self.pool
                 .h2
                 .lock()
@@ -279,8 +293,13 @@ impl ClusterState {
                     H2Conn {
                         sender: sender.clone(),
                         streams: 1,
+                        last_stream: Instant::now(),
+                        id,
                     },
                 );
+            if let Some(max_idle) = self.config.idle_timeout {
+                tokio::spawn(sweep_h2(Arc::downgrade(self), key, id, max_idle));
+            }
         }
         Ok(sender)
     }
@@ -363,6 +382,36 @@ async fn sweep(cluster: std::sync::Weak<ClusterState>, key: Key, max_idle: Durat
                     return;
                 }
             }
+        };
+        tokio::time::sleep_until(due.into()).await;
+    }
+}
+
+/// Numbers the shared HTTP/2 connections.
+static H2_IDS: AtomicU64 = AtomicU64::new(0);
+
+/// Takes the shared HTTP/2 connection `id` out of `key`'s pool once no stream has been
+/// opened on it for `max_idle`; dropping the pool's sender lets hyper close it when its
+/// open streams end. Ends early if the connection closed or was replaced.
+async fn sweep_h2(cluster: std::sync::Weak<ClusterState>, key: Key, id: u64, max_idle: Duration) {
+    loop {
+        let due = {
+            let Some(cluster) = cluster.upgrade() else {
+                return;
+            };
+            let mut shared = cluster.pool.h2.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(conn) = shared.get(&key).filter(|c| c.id == id) else {
+                return;
+            };
+            let Some(due) = conn.last_stream.checked_add(max_idle) else {
+                return;
+            };
+            if conn.sender.is_closed() || due <= Instant::now() {
+                debug!(upstream = %key.addr, "idle HTTP/2 upstream connection leaves the pool");
+                shared.remove(&key);
+                return;
+            }
+            due
         };
         tokio::time::sleep_until(due.into()).await;
     }
