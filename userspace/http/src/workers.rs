@@ -11,7 +11,9 @@
 //!
 //! New connections go to the worker with the fewest open connections (ties: in turn), so
 //! long-lived connections spread evenly; the count per worker is the
-//! `nodemesh_worker_connections{worker}` gauge.
+//! `nodemesh_worker_connections{worker}` gauge. A connection whose socket cannot move to
+//! its worker (the kernel refusing to deregister or register it) is closed, logged and
+//! counted in `nodemesh_worker_handoff_failures_total`.
 //!
 //! [`Workers::current`] is the same interface over the runtime the caller is already on
 //! (tests, tools): everything is spawned there.
@@ -29,7 +31,7 @@ use std::{
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 use tokio::{net::TcpStream, runtime::Handle, sync::oneshot, task};
@@ -64,6 +66,8 @@ struct Inner {
     /// Where the next tie is broken.
     next: AtomicUsize,
     connections: Family<WorkerLabel, Gauge>,
+    /// Accepted connections dropped because their socket could not move to a worker.
+    handoff_failures: Counter,
     /// The workers are this value's threads (not the caller's runtime): sockets accepted
     /// elsewhere move to them.
     own_threads: bool,
@@ -143,6 +147,7 @@ impl Workers {
                 workers,
                 next: AtomicUsize::new(0),
                 connections,
+                handoff_failures: Counter::default(),
                 own_threads: !threads.is_empty(),
                 threads: Mutex::new(threads),
             }),
@@ -170,12 +175,19 @@ impl Workers {
         self.inner.workers.iter().map(|w| w.open.get()).collect()
     }
 
-    /// Registers `nodemesh_worker_connections{worker}`.
+    /// Registers `nodemesh_worker_connections{worker}` and
+    /// `nodemesh_worker_handoff_failures_total`.
     pub fn register(&self, registry: &mut Registry) {
-        registry.sub_registry_with_prefix("nodemesh").register(
+        let registry = registry.sub_registry_with_prefix("nodemesh");
+        registry.register(
             "worker_connections",
             "Connections open on each data-plane worker",
             self.inner.connections.clone(),
+        );
+        registry.register(
+            "worker_handoff_failures",
+            "Accepted connections dropped because their socket could not move to a worker",
+            self.inner.handoff_failures.clone(),
         );
     }
 
@@ -197,13 +209,18 @@ impl Workers {
         let std = match stream.into_std() {
             Ok(s) => s,
             Err(e) => {
+                self.inner.handoff_failures.inc();
                 return warn!(error = %e, "cannot move an accepted connection to a worker");
             }
         };
+        let failures = self.inner.handoff_failures.clone();
         self.spawn_counted(async move {
             match TcpStream::from_std(std) {
                 Ok(stream) => serve(stream).await,
-                Err(e) => warn!(worker = current(), error = %e, "cannot register an accepted connection on its worker"),
+                Err(e) => {
+                    failures.inc();
+                    warn!(worker = current(), error = %e, "cannot register an accepted connection on its worker");
+                }
             }
         });
     }

@@ -650,6 +650,11 @@ async fn each_worker_reuses_its_own_upstream_connections() {
         text.contains("nodemesh_worker_connections{worker=\"1\"} 1"),
         "{text}"
     );
+    // Every accepted socket moved to its worker.
+    assert!(
+        text.contains("nodemesh_worker_handoff_failures_total 0"),
+        "{text}"
+    );
     drop(clients);
     drop(running);
     workers.shutdown(Duration::from_secs(1));
