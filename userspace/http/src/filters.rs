@@ -6,6 +6,7 @@ use nodemesh_policy::{Attributes, Denial, HttpAttributes, HttpChain, Verdict, ch
 
 use crate::{
     hcm::ConnCtx,
+    headers::names,
     local::{self, Flag},
     route::Selected,
     router::RespBody,
@@ -70,7 +71,7 @@ pub(crate) fn deny_reply(d: &Denial, grpc: bool) -> Response<RespBody> {
     };
     let mut r = local::reply(d.status, flag, d.body, grpc);
     if grpc && let Ok(v) = HeaderValue::from_str(&d.grpc_status.to_string()) {
-        r.headers_mut().insert("grpc-status", v);
+        r.headers_mut().insert(names::GRPC_STATUS, v);
     }
     add_response_headers(&mut r, &d.headers);
     r.extensions_mut()

@@ -28,7 +28,7 @@ use crate::{
     Accepted, Engine,
     detect::Rewind,
     downstream,
-    headers::{self, Side},
+    headers::{self, Side, names},
     local::{self, Flag},
     report,
     route::{self, RequestView},
@@ -58,6 +58,9 @@ pub(crate) struct ConnCtx {
     pub scope: nodemesh_policy::ConnScope,
     /// Set when the connection's listener drains (see [`crate::Drain`]).
     pub drain: crate::Drain,
+    /// The `server` response header (`server_name`), made once per connection rather than
+    /// copied and checked for every response.
+    server: Option<HeaderValue>,
 }
 
 /// Serves an HTTP connection (`h2`: HTTP/2 with prior knowledge) until the client closes
@@ -87,6 +90,7 @@ pub async fn serve(
         filters,
         scope: nodemesh_policy::ConnScope::default(),
         drain: drain.clone(),
+        server: HeaderValue::from_str(&hcm.server_name).ok(),
     });
     let io = TokioIo::new(downstream::Watched::new(io, tracker.clone()));
     let header_timeout = hcm
@@ -316,10 +320,10 @@ async fn handle_stream(
     };
     let sanitized = (origin.client, keep_headers.then(|| parts.headers.clone()));
     // x-envoy-force-trace from an internal client: the request id goes back in the response.
-    let force_trace = origin.internal && parts.headers.contains_key("x-envoy-force-trace");
+    let force_trace = origin.internal && parts.headers.contains_key(names::X_ENVOY_FORCE_TRACE);
     parts.extensions.insert(origin);
     let req = Request::from_parts(parts, body);
-    let request_id = req.headers().get("x-request-id").cloned();
+    let request_id = req.headers().get(names::X_REQUEST_ID).cloned();
     // At debug level: an info span would be formatted for every request even when nothing
     // inside it logs (the fmt layer records span fields at creation), a measurable cost.
     let span = debug_span!("request", method = %req.method(), path = %req.uri().path(), source = %ctx.accepted.source.name);
@@ -353,13 +357,13 @@ fn finish(
     force_trace: bool,
 ) {
     let h = response.headers_mut();
-    if let Ok(server) = HeaderValue::from_str(&ctx.hcm.server_name) {
-        h.insert(header::SERVER, server);
+    if let Some(server) = &ctx.server {
+        h.insert(header::SERVER, server.clone());
     }
     if (ctx.hcm.always_set_request_id_in_response || force_trace)
-        && let Some(id) = request_id.or_else(|| h.get("x-request-id").cloned())
+        && let Some(id) = request_id.or_else(|| h.get(names::X_REQUEST_ID).cloned())
     {
-        h.insert("x-request-id", id);
+        h.insert(names::X_REQUEST_ID, id);
     }
 }
 

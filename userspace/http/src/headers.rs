@@ -128,6 +128,33 @@ fn add_one(headers: &mut HeaderMap, option: &HeaderValueOption) {
     }
 }
 
+/// The names the request path reads and writes, as constants: a name given as `&str` is
+/// parsed and checked again at every lookup (~400 instructions each, callgrind), a
+/// `HeaderName` constant is built at compile time.
+pub mod names {
+    use http::HeaderName;
+
+    pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    pub const X_FORWARDED_CLIENT_CERT: HeaderName =
+        HeaderName::from_static("x-forwarded-client-cert");
+    pub const X_ENVOY_INTERNAL: HeaderName = HeaderName::from_static("x-envoy-internal");
+    pub const X_ENVOY_EXTERNAL_ADDRESS: HeaderName =
+        HeaderName::from_static("x-envoy-external-address");
+    pub const X_ENVOY_FORCE_TRACE: HeaderName = HeaderName::from_static("x-envoy-force-trace");
+    pub const X_ENVOY_EXPECTED_RQ_TIMEOUT_MS: HeaderName =
+        HeaderName::from_static("x-envoy-expected-rq-timeout-ms");
+    pub const X_ENVOY_ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-envoy-attempt-count");
+    pub const X_ENVOY_UPSTREAM_SERVICE_TIME: HeaderName =
+        HeaderName::from_static("x-envoy-upstream-service-time");
+    pub const X_ENVOY_ORIGINAL_PATH: HeaderName = HeaderName::from_static("x-envoy-original-path");
+    pub const X_ENVOY_OVERLOADED: HeaderName = HeaderName::from_static("x-envoy-overloaded");
+    pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+    pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+    pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+}
+
 /// A random UUID (version 4), Envoy's `x-request-id` format.
 pub fn request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt as _, Full};
 
-use crate::{BoxError, router::RespBody};
+use crate::{BoxError, headers::names, router::RespBody};
 
 /// Envoy's response flags for the replies nodemesh generates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +119,7 @@ pub fn reply(status: u16, flag: Flag, text: &str, grpc: bool) -> Response<RespBo
             HeaderValue::from_static("application/grpc"),
         );
         h.insert(
-            "grpc-status",
+            names::GRPC_STATUS,
             HeaderValue::from(u16::from(if flag == Flag::StreamDurationTimeout {
                 4 // DEADLINE_EXCEEDED
             } else {
@@ -127,7 +127,7 @@ pub fn reply(status: u16, flag: Flag, text: &str, grpc: bool) -> Response<RespBo
             })),
         );
         if let Ok(v) = HeaderValue::from_str(&percent_encode(text)) {
-            h.insert("grpc-message", v);
+            h.insert(names::GRPC_MESSAGE, v);
         }
         r
     } else {
@@ -142,7 +142,7 @@ pub fn reply(status: u16, flag: Flag, text: &str, grpc: bool) -> Response<RespBo
     if flag == Flag::UpstreamOverflow {
         response
             .headers_mut()
-            .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+            .insert(names::X_ENVOY_OVERLOADED, HeaderValue::from_static("true"));
     }
     response.extensions_mut().insert(flag);
     response

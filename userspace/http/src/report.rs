@@ -32,7 +32,7 @@ use nodemesh_telemetry::{
 use prometheus_client::registry::Registry;
 use tracing::warn;
 
-use crate::BoxError;
+use crate::{BoxError, headers::names};
 
 /// Names of the workload behind a destination address (the node proxy's pod table).
 pub trait WorkloadNames: Send + Sync + std::fmt::Debug + 'static {
@@ -223,7 +223,7 @@ impl Pending {
         let grpc_status = self
             .entry
             .response_headers
-            .get("grpc-status")
+            .get(names::GRPC_STATUS)
             .and_then(|v| v.to_str().ok());
         let labels = RequestLabels::new(
             source,

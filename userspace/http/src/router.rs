@@ -30,7 +30,7 @@ use tracing::{debug, warn};
 use crate::{
     BoxError, State,
     hcm::ConnCtx,
-    headers::{self, Side},
+    headers::{self, Side, names},
     idle::{Activity, IdleTimer, Touching},
     local::{self, Flag},
     route::{self, Selected},
@@ -151,7 +151,7 @@ pub(crate) async fn forward(
     if let Some(max) = fwd.grpc_timeout_max
         && let Some(deadline) = req
             .headers()
-            .get("grpc-timeout")
+            .get(names::GRPC_TIMEOUT)
             .and_then(|v| parse_grpc_timeout(v.as_bytes()))
     {
         let capped = if max.is_zero() {
@@ -207,7 +207,7 @@ pub(crate) async fn forward(
         && let Some(ms) = expected
     {
         parts.headers.insert(
-            "x-envoy-expected-rq-timeout-ms",
+            names::X_ENVOY_EXPECTED_RQ_TIMEOUT_MS,
             HeaderValue::from(ms.as_millis() as u64),
         );
     }
@@ -274,7 +274,7 @@ pub(crate) async fn forward(
         let mut req = Request::from_parts(parts, body);
         if target.selected.virtual_host.include_request_attempt_count {
             req.headers_mut()
-                .insert("x-envoy-attempt-count", HeaderValue::from(attempt));
+                .insert(names::X_ENVOY_ATTEMPT_COUNT, HeaderValue::from(attempt));
         }
         set_uri(&mut req, h2);
         let auto_host = fwd.host_rewrite == HostRewrite::Auto;
@@ -333,7 +333,7 @@ pub(crate) async fn forward(
             headers::strip_hop_by_hop(&mut parts.headers, upgraded);
             if !ctx.hcm.suppress_envoy_headers {
                 parts.headers.insert(
-                    "x-envoy-upstream-service-time",
+                    names::X_ENVOY_UPSTREAM_SERVICE_TIME,
                     HeaderValue::from(elapsed.as_millis() as u64),
                 );
             }
@@ -344,7 +344,7 @@ pub(crate) async fn forward(
             {
                 parts
                     .headers
-                    .insert("x-envoy-attempt-count", HeaderValue::from(attempt));
+                    .insert(names::X_ENVOY_ATTEMPT_COUNT, HeaderValue::from(attempt));
             }
             headers::apply(&mut parts.headers, levels, Side::Response);
             let idle = match (timers.stream_idle, timers.per_try_idle) {
@@ -434,7 +434,7 @@ pub(crate) async fn forward(
             {
                 response
                     .headers_mut()
-                    .insert("x-envoy-attempt-count", HeaderValue::from(attempt));
+                    .insert(names::X_ENVOY_ATTEMPT_COUNT, HeaderValue::from(attempt));
             }
             headers::apply(response.headers_mut(), levels, Side::Response);
             response
@@ -652,7 +652,7 @@ fn prepare_request(
             && let Some(original) = parts.uri.path_and_query()
             && let Ok(v) = HeaderValue::from_str(original.as_str())
         {
-            parts.headers.insert("x-envoy-original-path", v);
+            parts.headers.insert(names::X_ENVOY_ORIGINAL_PATH, v);
         }
         let mut uri = parts.uri.clone().into_parts();
         uri.path_and_query = Some(pq);
@@ -759,7 +759,7 @@ fn retriable_response(
     // gRPC: a trailers-only response carries grpc-status in its headers.
     let grpc = response
         .headers()
-        .get("grpc-status")
+        .get(names::GRPC_STATUS)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u8>().ok());
     matches!(

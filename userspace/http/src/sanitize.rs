@@ -30,7 +30,7 @@ use std::{
 use http::{HeaderMap, HeaderValue, Uri, header, uri::PathAndQuery};
 use nodemesh_config::model::{ClientCertDetails, HttpManager};
 
-use crate::headers;
+use crate::headers::{self, names};
 
 /// Steering headers removed from external requests.
 const EXTERNAL_STRIPPED: &[&str] = &[
@@ -91,7 +91,7 @@ pub fn request(
 
 fn forwarding(hcm: &HttpManager, h: &mut HeaderMap, peer: IpAddr) -> Origin {
     let xff: Vec<String> = h
-        .get_all("x-forwarded-for")
+        .get_all(names::X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -120,7 +120,7 @@ fn forwarding(hcm: &HttpManager, h: &mut HeaderMap, peer: IpAddr) -> Origin {
     // the head's few names instead of a hashed lookup per stripped name.
     let envoy_headers = h.keys().any(|k| k.as_str().starts_with("x-envoy-"));
     if envoy_headers {
-        h.remove("x-envoy-internal");
+        h.remove(names::X_ENVOY_INTERNAL);
         if !internal {
             for name in EXTERNAL_STRIPPED {
                 h.remove(*name);
@@ -134,11 +134,11 @@ fn forwarding(hcm: &HttpManager, h: &mut HeaderMap, peer: IpAddr) -> Origin {
             }
         }
         if let Ok(v) = HeaderValue::from_str(&client.to_string()) {
-            h.insert("x-envoy-external-address", v);
+            h.insert(names::X_ENVOY_EXTERNAL_ADDRESS, v);
         }
     }
     if internal {
-        h.insert("x-envoy-internal", HeaderValue::from_static("true"));
+        h.insert(names::X_ENVOY_INTERNAL, HeaderValue::from_static("true"));
     }
     if hcm.use_remote_address && !hcm.skip_xff_append {
         let appended = if peer.is_loopback() {
@@ -146,24 +146,24 @@ fn forwarding(hcm: &HttpManager, h: &mut HeaderMap, peer: IpAddr) -> Origin {
         } else {
             peer
         };
-        let value = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        let value = match h.get(names::X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
             Some(existing) if !existing.is_empty() => format!("{existing},{appended}"),
             _ => appended.to_string(),
         };
         if let Ok(v) = HeaderValue::from_str(&value) {
-            h.insert("x-forwarded-for", v);
+            h.insert(names::X_FORWARDED_FOR, v);
         }
     }
-    if !h.contains_key("x-forwarded-proto") || (hcm.use_remote_address && hops == 0) {
-        h.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if !h.contains_key(names::X_FORWARDED_PROTO) || (hcm.use_remote_address && hops == 0) {
+        h.insert(names::X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
     if hcm.generate_request_id
-        && (!h.contains_key("x-request-id") || (edge && !hcm.preserve_external_request_id))
+        && (!h.contains_key(names::X_REQUEST_ID) || (edge && !hcm.preserve_external_request_id))
     {
-        h.insert("x-request-id", headers::request_id());
+        h.insert(names::X_REQUEST_ID, headers::request_id());
     }
     if hcm.client_cert == ClientCertDetails::Sanitize {
-        h.remove("x-forwarded-client-cert");
+        h.remove(names::X_FORWARDED_CLIENT_CERT);
     }
     Origin {
         client,
