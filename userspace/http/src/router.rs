@@ -38,7 +38,7 @@ use crate::{
     steering::{self, Steering},
     upstream::{
         ClusterState, Host, Outcome, lb,
-        pool::{ReqBody, UpstreamError, use_h2},
+        pool::{ReqBody, UpstreamBody, UpstreamError, use_h2},
     },
 };
 
@@ -450,7 +450,7 @@ async fn attempt_once(
     h2: bool,
     timers: &Timers,
     auto_host: bool,
-) -> Result<(Response<Incoming>, Arc<Host>), Failure> {
+) -> Result<(Response<UpstreamBody>, Arc<Host>), Failure> {
     let (per_try, deadline) = (timers.per_try, timers.deadline);
     let host = match &cluster.config.discovery {
         nodemesh_config::model::Discovery::OriginalDst {
@@ -505,9 +505,9 @@ async fn wait_response<F>(
     send: Pin<&mut F>,
     limit: Option<Instant>,
     timers: &Timers,
-) -> Result<Response<Incoming>, Failure>
+) -> Result<Response<UpstreamBody>, Failure>
 where
-    F: Future<Output = Result<Response<Incoming>, UpstreamError>>,
+    F: Future<Output = Result<Response<UpstreamBody>, UpstreamError>>,
 {
     tokio::select! {
         biased;
@@ -745,7 +745,7 @@ fn set_host(req: &mut Request<ReqBody>, hostname: &str, h2: bool) {
 fn retriable_response(
     policy: Option<&RetryPolicy>,
     on: RetryOn,
-    response: &Response<Incoming>,
+    response: &Response<UpstreamBody>,
 ) -> bool {
     let status = response.status().as_u16();
     if on.contains(RetryOn::FIVE_XX) && status >= 500
@@ -911,7 +911,7 @@ pin_project_lite::pin_project! {
     /// A response body that fails when the route timeout expires.
     struct Deadline {
         #[pin]
-        inner: Incoming,
+        inner: UpstreamBody,
         sleep: Option<Pin<Box<tokio::time::Sleep>>>,
         idle: Option<IdleTimer>,
         cluster: Arc<ClusterState>,

@@ -374,6 +374,24 @@ async fn idle_upstream_connections_close_at_the_cluster_idle_timeout() {
 }
 
 #[tokio::test]
+async fn an_upstream_connection_is_reused_after_read_and_bodiless_responses() {
+    let a = Switchable::start().await;
+    let (_running, addr) = proxy(&listener("", ONE_ENDPOINT), &[("a", a.addr.port())]).await;
+    // A body read to its end returns the connection as its last frame passes; a 204's
+    // body is never polled, and returns it when dropped.
+    for status in [200, 204, 200, 204, 204, 200] {
+        a.status.store(status, Ordering::SeqCst);
+        assert_eq!(get(addr, "h", "/", &[]).await.status, status as u16);
+    }
+    assert_eq!(a.requests.load(Ordering::SeqCst), 6);
+    assert_eq!(
+        a.connections.load(Ordering::SeqCst),
+        1,
+        "one connection, reused"
+    );
+}
+
+#[tokio::test]
 async fn idle_http2_upstream_connections_close_at_the_cluster_idle_timeout() {
     let cluster = r#"  - name: c
     connect_timeout: 1s

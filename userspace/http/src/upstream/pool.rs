@@ -2,7 +2,7 @@
 //!
 //! HTTP/1.1 connections carry one request at a time: an idle one is reused, else a new one
 //! is opened; a connection goes back to the pool once its response has been read to the
-//! end (`SendRequest::ready`). One that stays unused for the cluster's idle timeout
+//! end, from the task reading it ([`UpstreamBody`]). One that stays unused for the cluster's idle timeout
 //! (`common_http_protocol_options.idle_timeout`, an hour unless set; 0 disables it, as in
 //! Envoy) is closed by a sweeper task that the key's pool runs only while it holds idle
 //! connections. HTTP/2 connections are shared by every request to the same
@@ -23,10 +23,12 @@ use std::{
     collections::VecDeque,
     io,
     net::SocketAddr,
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    task::{Context, Poll},
     time::{Duration, Instant},
 };
 
@@ -142,7 +144,7 @@ impl ClusterState {
         h2: bool,
         source: &Source,
         connector: &Arc<dyn Connector>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         let key = Key {
             addr: host.address,
             h2,
@@ -160,7 +162,10 @@ impl ClusterState {
                 Some(sender) => sender,
                 None => Box::pin(self.h2_connect(key, source, connector)).await?,
             };
-            return sender.send_request(req).await.map_err(UpstreamError::Reset);
+            let response = sender.send_request(req).await;
+            return response
+                .map(|r| r.map(UpstreamBody::shared))
+                .map_err(UpstreamError::Reset);
         }
         let (mut sender, served) = match self.take_idle(key) {
             Some(reused) => reused,
@@ -173,21 +178,17 @@ impl ClusterState {
         let served = served + 1;
         // Back to the pool once this response is read to its end, unless the connection has
         // carried `max_requests_per_connection` (then dropping the sender closes it).
-        if self
+        let give_back = self
             .config
             .max_requests_per_connection
             .is_none_or(|max| max == 0 || served < max)
-        {
-            let pool = Arc::downgrade(self);
-            tokio::spawn(async move {
-                if sender.ready().await.is_ok()
-                    && let Some(cluster) = pool.upgrade()
-                {
-                    cluster.put_idle(key, sender, served);
-                }
+            .then(|| GiveBack {
+                sender,
+                key,
+                served,
+                pool: Arc::downgrade(self),
             });
-        }
-        Ok(response)
+        Ok(response.map(|inner| UpstreamBody { inner, give_back }))
     }
 
     fn take_idle(&self, key: Key) -> Option<(conn::http1::SendRequest<ReqBody>, u32)> {
@@ -414,6 +415,111 @@ async fn sweep_h2(cluster: std::sync::Weak<ClusterState>, key: Key, id: u64, max
             due
         };
         tokio::time::sleep_until(due.into()).await;
+    }
+}
+
+/// An upstream response body: hyper's, and for HTTP/1.1 the connection to return to the
+/// pool once the body has been read to its end.
+///
+/// The return happens in the task that reads the body (the downstream connection's, on the
+/// same worker), when the last frame passes or the body is dropped: hyper's connection has
+/// usually asked for its next request by then, and the connection goes straight back to
+/// the pool. Only when it has not (`SendRequest::is_ready` false) does a task wait for it;
+/// a task for every response was ~1,000 instructions a request (callgrind).
+#[derive(Debug)]
+pub(crate) struct UpstreamBody {
+    inner: Incoming,
+    give_back: Option<GiveBack>,
+}
+
+impl UpstreamBody {
+    /// A body on a shared HTTP/2 connection (nothing to return).
+    fn shared(inner: Incoming) -> Self {
+        Self {
+            inner,
+            give_back: None,
+        }
+    }
+}
+
+impl hyper::body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Pending => {}
+            Poll::Ready(Some(Ok(_))) if !this.inner.is_end_stream() => {}
+            // A broken response leaves the connection unusable: dropping the sender closes it.
+            Poll::Ready(Some(Err(_))) => drop(this.give_back.take()),
+            Poll::Ready(_) => {
+                if let Some(give_back) = this.give_back.take() {
+                    give_back.give();
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // A body dropped unread (a bodiless response, a client gone) returns the connection
+        // if hyper still finds it reusable.
+        if let Some(give_back) = self.give_back.take() {
+            give_back.give();
+        }
+    }
+}
+
+/// An HTTP/1.1 connection whose response is in flight, and where it goes back.
+#[derive(Debug)]
+struct GiveBack {
+    sender: conn::http1::SendRequest<ReqBody>,
+    key: Key,
+    served: u32,
+    pool: std::sync::Weak<ClusterState>,
+}
+
+impl GiveBack {
+    fn give(self) {
+        // Outside a runtime (shutting down) there is nowhere to keep it.
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let Some(cluster) = self.pool.upgrade() else {
+            return;
+        };
+        if self.sender.is_ready() {
+            cluster.put_idle(self.key, self.sender, self.served);
+            return;
+        }
+        let GiveBack {
+            mut sender,
+            key,
+            served,
+            pool,
+        } = self;
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok()
+                && let Some(cluster) = pool.upgrade()
+            {
+                cluster.put_idle(key, sender, served);
+            }
+        });
     }
 }
 
