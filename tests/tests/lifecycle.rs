@@ -89,6 +89,15 @@ fn the_agent_restarts_under_live_connections_without_breaking_them() {
     assert_eq!(all_ok(&r), 1);
     let metrics = node.metrics().expect("metrics");
     assert!(metric(&metrics, "nodemesh_proxy_accepted_connections_total", &[]) >= 1.0);
+    let handoff = |result| {
+        metric(
+            &metrics,
+            "nodemesh_proxy_handoff_connections_total",
+            &[("result", result)],
+        )
+    };
+    assert_eq!(handoff("resumed"), 3.0, "{metrics}");
+    assert_eq!(handoff("failed"), 0.0);
 }
 
 /// Stopped with SIGTERM and started again (no handoff): the programs stay attached and are

@@ -84,6 +84,7 @@ impl Predecessor {
                         Ok(Some((Message::Connection { meta }, fds))) => {
                             let Ok([client, upstream]) = <[OwnedFd; 2]>::try_from(fds) else {
                                 warn!(?meta, "handoff connection without its two sockets");
+                                outbound.handoff_failed();
                                 continue;
                             };
                             taken += 1;
@@ -93,7 +94,10 @@ impl Predecessor {
                                     .and_then(|c| Ok((c, TcpStream::from_std(std::net::TcpStream::from(upstream))?)));
                                 match streams {
                                     Ok((client, upstream)) => outbound.resume(Connection { client, upstream, meta }).await,
-                                    Err(e) => warn!(error = %e, "resuming a handed-over connection failed"),
+                                    Err(e) => {
+                                        warn!(error = %e, "resuming a handed-over connection failed");
+                                        outbound.handoff_failed();
+                                    }
                                 }
                             });
                         }

@@ -52,6 +52,13 @@ pub(crate) struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct HandoffLabels {
+    /// `resumed`, or `failed` (a connection received without its sockets, or whose
+    /// sockets could not be registered).
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct PodLabels {
     pub source_workload: String,
     pub source_workload_namespace: String,
@@ -66,6 +73,8 @@ pub struct ProxyMetrics {
     pub(crate) accepted: Counter,
     /// Connections handed to the L7 proxy.
     pub(crate) l7: Counter,
+    /// Connections taken over from the previous agent in a restart handoff.
+    pub(crate) handoff: Family<HandoffLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -81,7 +90,13 @@ impl ProxyMetrics {
             active: Family::default(),
             accepted: Counter::default(),
             l7: Counter::default(),
+            handoff: Family::default(),
         };
+        registry.register(
+            "nodemesh_proxy_handoff_connections",
+            "Connections taken over from the previous agent at a restart, by result",
+            m.handoff.clone(),
+        );
         registry.register(
             "nodemesh_proxy_l7_connections",
             "Redirected connections served by the L7 proxy (the rest are relayed at L4)",

@@ -30,7 +30,7 @@ use tracing::{Instrument as _, debug, info, info_span, warn};
 use crate::{
     config::ProxyConfig,
     limits::{Permit, PodLimits},
-    metrics::{ErrorLabels, ErrorReason, PodLabels, ProxyMetrics},
+    metrics::{ErrorLabels, ErrorReason, HandoffLabels, PodLabels, ProxyMetrics},
     orig_dst::{OriginalDst, Redirect},
     relay::{self, Counters, Outcome, Progress, Settings},
 };
@@ -226,7 +226,21 @@ impl Outbound {
     }
 
     /// Continues a connection handed over by a previous agent.
+    /// Counts a connection of a restart handoff that could not be resumed (it came
+    /// without its sockets, or they could not be registered); [`Self::resume`] counts the
+    /// others.
+    pub fn handoff_failed(&self) {
+        self.metrics
+            .handoff
+            .get_or_create(&HandoffLabels { result: "failed" })
+            .inc();
+    }
+
     pub async fn resume(self: Arc<Self>, conn: Connection) {
+        self.metrics
+            .handoff
+            .get_or_create(&HandoffLabels { result: "resumed" })
+            .inc();
         let span = info_span!("outbound", src = %conn.meta.client_addr, dst = %conn.meta.dst, resumed = true);
         async move {
             // The source pod may be unknown if it was removed during the handoff; the
