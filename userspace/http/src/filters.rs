@@ -18,6 +18,7 @@ pub(crate) async fn run(
     ctx: &ConnCtx,
     chain: &HttpChain,
     req: &Request<Incoming>,
+    origin: &crate::sanitize::Origin,
     host: &str,
     path: &str,
     scheme: &str,
@@ -29,10 +30,7 @@ pub(crate) async fn run(
     // `remote_ip` is the trusted client address the connection manager decided on
     // (`use_remote_address`, `xff_num_trusted_hops`: see [`crate::sanitize`]), exactly as
     // Envoy's RBAC sees it; `direct_remote_ip` is the peer.
-    let remote_ip = req
-        .extensions()
-        .get::<crate::sanitize::Origin>()
-        .map_or(ctx.accepted.peer.ip(), |o| o.client);
+    let remote_ip = origin.client;
     let attrs = Attributes {
         peer: ctx.accepted.peer,
         remote_ip,

@@ -321,7 +321,6 @@ async fn handle_stream(
     let sanitized = (origin.client, keep_headers.then(|| parts.headers.clone()));
     // x-envoy-force-trace from an internal client: the request id goes back in the response.
     let force_trace = origin.internal && parts.headers.contains_key(names::X_ENVOY_FORCE_TRACE);
-    parts.extensions.insert(origin);
     let req = Request::from_parts(parts, body);
     let request_id = req.headers().get(names::X_REQUEST_ID).cloned();
     // At debug level: an info span would be formatted for every request even when nothing
@@ -334,7 +333,7 @@ async fn handle_stream(
                 None,
             );
         };
-        dispatch(ctx, req, grpc).await
+        dispatch(ctx, req, grpc, origin).await
     }
     .instrument(span)
     .await;
@@ -368,10 +367,13 @@ fn finish(
 }
 
 /// Selects the route and runs its action. Returns the response and the route's stats label.
+/// `origin` travels beside the request, not in its extensions: inserting into an empty
+/// extension map allocates the map, its table and a box.
 async fn dispatch(
     ctx: &ConnCtx,
     mut req: Request<Incoming>,
     grpc: bool,
+    origin: sanitize::Origin,
 ) -> (Response<RespBody>, Option<Arc<crate::stats::RouteStats>>) {
     let state = ctx.engine.state();
     let routes: Option<Arc<RouteConfig>> = match &ctx.hcm.routes {
@@ -437,7 +439,7 @@ async fn dispatch(
             _ => None,
         });
         let verdict = crate::filters::run(
-            ctx, &filters, &req, &host, &path, scheme, cluster, selected, grpc,
+            ctx, &filters, &req, &origin, &host, &path, scheme, cluster, selected, grpc,
         )
         .await;
         match verdict {
@@ -489,6 +491,7 @@ async fn dispatch(
                 selected,
                 forward,
                 host: &host,
+                origin,
             };
             router::forward(ctx, &state, target, req, grpc).await
         }

@@ -62,6 +62,8 @@ pub(crate) struct Target<'a> {
     pub selected: Selected<'a>,
     pub forward: &'a Forward,
     pub host: &'a str,
+    /// Where the request comes from, as the connection manager decided.
+    pub origin: Origin,
 }
 
 /// Why an attempt produced no usable response.
@@ -123,9 +125,10 @@ pub(crate) async fn forward(
     let vh = target.selected.virtual_host;
     // An internal client may steer timeouts and retries with x-envoy-* headers (external
     // requests had them removed by the connection manager).
-    let steering = match req.extensions().get::<Origin>() {
-        Some(origin) if origin.internal => steering::take(req.headers_mut()),
-        _ => Steering::default(),
+    let steering = if target.origin.internal {
+        steering::take(req.headers_mut())
+    } else {
+        Steering::default()
     };
     let retry_policy = steering.retry_policy(fwd.retry.as_ref().or(vh.retry.as_ref()));
     let retry = retry_policy.as_ref();
