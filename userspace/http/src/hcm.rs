@@ -245,7 +245,8 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespB
         req.extensions_mut().insert(counter.clone());
         counter
     });
-    let (mut response, sanitized) = handle_stream(&ctx, req, grpc, keep_headers).await;
+    let mut facts = Facts::default();
+    let (mut response, sanitized) = handle_stream(&ctx, req, grpc, keep_headers, &mut facts).await;
     if !ctx.downstream_h2 && ctx.drain.is_draining() {
         // HTTP/1.1 on a draining listener: this response is the connection's last.
         response
@@ -268,11 +269,11 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespB
         .extensions
         .get::<crate::filters::ResponseDetails>()
         .map(|d| d.0.clone());
-    if let Some(up) = parts.extensions.get::<router::UpstreamInfo>() {
-        entry.upstream_cluster = Some(up.cluster.clone());
+    if let Some(up) = facts.upstream {
+        entry.upstream_cluster = Some(up.cluster);
         entry.upstream_host = up.host;
     }
-    entry.route_name = parts.extensions.get::<RouteName>().map(|r| r.0.clone());
+    entry.route_name = facts.route_name;
     if keep_headers {
         entry.response_headers = parts.headers.clone();
     }
@@ -292,9 +293,16 @@ async fn handle(ctx: Arc<ConnCtx>, mut req: Request<Incoming>) -> Response<RespB
     Response::from_parts(parts, body.boxed())
 }
 
-/// The route's name, for the access log (`%ROUTE_NAME%`).
-#[derive(Debug, Clone)]
-pub(crate) struct RouteName(pub String);
+/// What routing learnt about a request, for its access log entry. Kept beside the
+/// response rather than in its extensions: the first insert into an empty extension map
+/// allocates the map, its table and a box.
+#[derive(Debug, Default)]
+struct Facts {
+    /// The route's name (`%ROUTE_NAME%`).
+    route_name: Option<String>,
+    /// The cluster and host the request went to.
+    upstream: Option<router::UpstreamInfo>,
+}
 
 /// The trusted client address and (for the access log) the request headers as the
 /// connection manager left them.
@@ -306,6 +314,7 @@ async fn handle_stream(
     req: Request<Incoming>,
     grpc: bool,
     keep_headers: bool,
+    facts: &mut Facts,
 ) -> (Response<RespBody>, Option<Sanitized>) {
     let start = Instant::now();
     let (mut parts, body) = req.into_parts();
@@ -333,7 +342,7 @@ async fn handle_stream(
                 None,
             );
         };
-        dispatch(ctx, req, grpc, origin).await
+        dispatch(ctx, req, grpc, origin, facts).await
     }
     .instrument(span)
     .await;
@@ -374,6 +383,7 @@ async fn dispatch(
     mut req: Request<Incoming>,
     grpc: bool,
     origin: sanitize::Origin,
+    facts: &mut Facts,
 ) -> (Response<RespBody>, Option<Arc<crate::stats::RouteStats>>) {
     let state = ctx.engine.state();
     let routes: Option<Arc<RouteConfig>> = match &ctx.hcm.routes {
@@ -493,14 +503,12 @@ async fn dispatch(
                 host: &host,
                 origin,
             };
-            router::forward(ctx, &state, target, req, grpc).await
+            router::forward(ctx, &state, target, req, grpc, &mut facts.upstream).await
         }
     };
     let mut response = response;
     crate::filters::add_response_headers(&mut response, &added_response_headers);
-    if let Some(name) = route_name {
-        response.extensions_mut().insert(RouteName(name));
-    }
+    facts.route_name = route_name;
     (response, Some(label))
 }
 

@@ -45,7 +45,7 @@ use crate::{
 /// The body type of responses sent downstream.
 pub type RespBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
-/// Where a request was sent, for the access log and metrics (a response extension).
+/// Where a request was sent, for the access log.
 #[derive(Debug, Clone)]
 pub(crate) struct UpstreamInfo {
     pub cluster: Arc<str>,
@@ -94,13 +94,15 @@ struct Timers {
     activity: Activity,
 }
 
-/// Forwards the request and returns the downstream response.
+/// Forwards the request and returns the downstream response; where it went is left in
+/// `upstream` for the access log.
 pub(crate) async fn forward(
     ctx: &ConnCtx,
     state: &State,
     target: Target<'_>,
     mut req: Request<Incoming>,
     grpc: bool,
+    upstream: &mut Option<UpstreamInfo>,
 ) -> Response<RespBody> {
     let start = Instant::now();
     let fwd = target.forward;
@@ -310,7 +312,7 @@ pub(crate) async fn forward(
     let elapsed = start.elapsed();
     match result {
         Ok((mut response, host)) => {
-            response.extensions_mut().insert(UpstreamInfo {
+            *upstream = Some(UpstreamInfo {
                 cluster: cluster.label.clone(),
                 host: Some(host.address),
             });
@@ -426,7 +428,7 @@ pub(crate) async fn forward(
                 }
             };
             let mut response = local::reply(status, flag, &text, grpc);
-            response.extensions_mut().insert(UpstreamInfo {
+            *upstream = Some(UpstreamInfo {
                 cluster: cluster.label.clone(),
                 host: None,
             });
