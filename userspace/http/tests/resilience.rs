@@ -96,6 +96,18 @@ impl Drop for Switchable {
 }
 
 impl Switchable {
+    /// Waits until the proxy has closed one of the connections to this upstream.
+    async fn closed_within(&self, limit: Duration, what: &str) {
+        let closed = async {
+            while self.closed.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(limit, closed)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: not within {limit:?}"));
+    }
+
     async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
@@ -351,14 +363,11 @@ async fn idle_upstream_connections_close_at_the_cluster_idle_timeout() {
     let (_running, addr) = proxy(&listener("", &cluster("0.3s")), &[("a", a.addr.port())]).await;
     assert_eq!(get(addr, "h", "/", &[]).await.status, 200);
     // Nothing else is sent: only the timeout can close the pooled connection.
-    let closed = async {
-        while a.closed.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), closed)
-        .await
-        .expect("the idle upstream connection is closed");
+    a.closed_within(
+        Duration::from_secs(5),
+        "the idle upstream connection is closed",
+    )
+    .await;
     assert_eq!(get(addr, "h", "/", &[]).await.status, 200);
     assert_eq!(a.connections.load(Ordering::SeqCst), 2, "a new connection");
 
@@ -418,14 +427,11 @@ async fn idle_http2_upstream_connections_close_at_the_cluster_idle_timeout() {
         1,
         "one shared connection"
     );
-    let closed = async {
-        while a.closed.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), closed)
-        .await
-        .expect("the idle HTTP/2 upstream connection is closed");
+    a.closed_within(
+        Duration::from_secs(5),
+        "the idle HTTP/2 upstream connection is closed",
+    )
+    .await;
     assert_eq!(get(addr, "h", "/", &[]).await.status, 200);
     assert_eq!(a.connections.load(Ordering::SeqCst), 2, "a new connection");
 }
